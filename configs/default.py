@@ -1,0 +1,75 @@
+"""Base configuration: every key the trainer reads, with its default.
+
+The other files in configs/ import this one and change only what differs.
+Any value can be overridden on the command line, for example
+`--config.batch_size=256 --config.model.name=plain20`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    # resnet18/34/50/101/152 (torchvision family), resnet20/32/44/56/110/1202 or any
+    # resnet<6n+2> (the paper's CIFAR nets), and a plain twin of each: plain18, plain56, ...
+    config.model.name = "resnet18"
+    # Stem of the torchvision family: "cifar" (3x3/1 conv, no max-pool) or
+    # "imagenet" (7x7/2 conv + 3x3/2 max-pool). The paper's CIFAR nets always use 3x3/1.
+    config.model.stem = "cifar"
+    # Shortcut of the paper's CIFAR nets when the shape changes: "A" (subsample +
+    # zero-pad channels, no parameters) or "B" (1x1 conv + BN projection).
+    config.model.shortcut = "A"
+    # None: the dataset's number of classes.
+    config.model.num_classes = config_dict.placeholder(int)
+    config.model.width_multiplier = 1.0
+    # Start each residual branch as the identity (last BN scale = 0). No effect on
+    # plain nets, which have no shortcut to carry the signal.
+    config.model.zero_init_residual = False
+    # Flax convention: running = momentum * running + (1 - momentum) * batch
+    # (PyTorch's momentum=0.1 is 0.9 here).
+    config.model.bn_momentum = 0.9
+    config.model.bn_epsilon = 1e-5
+
+    # cifar10, cifar100 (tensorflow-datasets) or image_folder (<data_dir>/{train,test}/<class>/*).
+    config.dataset = "cifar100"
+    # tfds data directory (None: tfds's default, ~/tensorflow_datasets), or the image folder.
+    config.data_dir = config_dict.placeholder(str)
+    # Folder holding the dataset archive for offline preparation (cifar-100-binary.tar.gz).
+    config.manual_dir = config_dict.placeholder(str)
+    config.image_size = 32
+    config.crop_padding = 4
+    config.random_flip = True
+
+    config.batch_size = 128  # Global, over all devices of all hosts.
+    config.eval_batch_size = 500  # Global.
+    config.num_epochs = 200.0
+    config.num_train_steps = -1  # -1: derived from num_epochs.
+
+    config.learning_rate = 0.1
+    # cosine (linear warmup, then cosine to 0), multistep (x lr_decay_factor at each of
+    # lr_decay_steps), piecewise (x lr_decay_factor at each of lr_decay_epochs), constant.
+    config.lr_schedule = "cosine"
+    config.lr_decay_factor = 0.1
+    config.lr_decay_steps = (32000, 48000)
+    config.lr_decay_epochs = (60.0, 120.0, 160.0)
+    config.warmup_epochs = 0.0
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 5e-4
+    # Weight decay on BatchNorm scales/biases and dense biases too (off by default).
+    config.weight_decay_all = False
+    config.label_smoothing = 0.0
+    config.half_precision = False  # bfloat16 compute; params and BN statistics stay float32.
+
+    config.seed = 0
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000  # Also evaluated at the end.
+    config.checkpoint_every_steps = 1000  # Also saved at the end.
+    config.keep_checkpoints = 3  # The latest N, plus the best by eval top-1.
+    config.profile_num_steps = 5  # Profile this many steps early in the run; 0 disables.
+    # Which checkpoint --mode=eval restores: "latest", "best" or a step number.
+    config.eval_checkpoint = "latest"
+    return config

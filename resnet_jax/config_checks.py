@@ -1,0 +1,74 @@
+"""Checks a config as soon as it is read, so a bad value fails before any work starts."""
+
+import ml_collections
+
+from resnet_jax import input_pipeline
+from resnet_jax.models import validate_model_config
+
+LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names it and says what is accepted."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first invalid value found."""
+    try:
+        validate_model_config(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(
+        config.dataset in input_pipeline.DATASET_NAMES,
+        f"Unknown dataset {config.dataset!r}. Valid choices: "
+        f"{', '.join(input_pipeline.DATASET_NAMES)}.",
+    )
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "image_size",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
+        value = config[key]
+        _require(value > 0, f"{key}={value} must be a positive integer.")
+    _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
+    _require(
+        config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
+        f"num_train_steps={config.num_train_steps}, num_epochs={config.num_epochs}: set "
+        "num_train_steps to a positive count, or to -1 with num_epochs > 0.",
+    )
+    _require(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be positive.")
+    _require(
+        config.lr_schedule in LR_SCHEDULES,
+        f"Unknown lr_schedule {config.lr_schedule!r}. Valid choices: {', '.join(LR_SCHEDULES)}.",
+    )
+    _require(
+        0 < config.lr_decay_factor <= 1,
+        f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1].",
+    )
+    _require(
+        list(config.lr_decay_steps) == sorted(config.lr_decay_steps)
+        and list(config.lr_decay_epochs) == sorted(config.lr_decay_epochs),
+        "lr_decay_steps and lr_decay_epochs must be increasing.",
+    )
+    _require(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0.")
+    _require(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1).")
+    _require(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0.")
+    _require(
+        0 <= config.label_smoothing < 1,
+        f"label_smoothing={config.label_smoothing} must be in [0, 1).",
+    )
+    _require(config.profile_num_steps >= 0, "profile_num_steps must be >= 0 (0 disables).")
+    checkpoint = str(config.eval_checkpoint)
+    _require(
+        checkpoint in ("latest", "best") or (checkpoint.isdigit()),
+        f"eval_checkpoint={config.eval_checkpoint!r} must be 'latest', 'best' or a step number.",
+    )

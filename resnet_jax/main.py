@@ -1,0 +1,61 @@
+"""Entry point: `python -m resnet_jax.main --config configs/resnet18.py --workdir DIR`.
+
+Modes: train (default; resumes from DIR when it holds a checkpoint), eval (evaluate a
+checkpoint of DIR), summary (parameters and FLOPs of the configured model).
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_jax import checkpointing, config_checks, input_pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/resnet18.py.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"], "What to do.")
+flags.mark_flag_as_required("config")
+
+# Errors that mean bad input: reported as one clear line, not a traceback.
+USER_ERRORS = (
+    config_checks.ConfigError,
+    input_pipeline.DatasetError,
+    checkpointing.CheckpointError,
+    FloatingPointError,
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    try:
+        config_checks.validate(config)
+        if FLAGS.mode == "summary":
+            from resnet_jax import summary
+
+            summary.print_summary(config)
+            return
+        if not FLAGS.workdir:
+            raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
+        # TensorFlow only reads and prepares data; keep it off the accelerators JAX uses.
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+        from resnet_jax import train
+
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, FLAGS.workdir)
+        else:
+            print(json.dumps(train.evaluate_checkpoint(config, FLAGS.workdir)))
+    except USER_ERRORS as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

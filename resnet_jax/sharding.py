@@ -1,0 +1,53 @@
+"""Where arrays live: one mesh over every device of every host, with a "data" axis.
+
+The batch is split along "data"; the train state is replicated. XLA turns the batch
+means of BatchNorm and the gradient averages into cross-device reductions, so a step on
+N devices computes what one device would on the whole global batch.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resnet_jax.config_checks import ConfigError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def per_process_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batch_size") -> int:
+    """This process's share of a global batch; raises ConfigError if it does not divide."""
+    num_devices = mesh.devices.size
+    if global_batch_size % num_devices:
+        lower = global_batch_size - global_batch_size % num_devices
+        raise ConfigError(
+            f"{name}={global_batch_size} is not divisible by the {num_devices} devices "
+            f"the batch is split over. Use a multiple of {num_devices}, for example "
+            f"--config.{name}={max(lower, num_devices)} or {lower + num_devices}."
+        )
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return global_batch_size // num_devices * local_devices
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's part of the batch into global arrays sharded on "data"."""
+    sharding = batch_sharding(mesh)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value)
+        for key, value in local_batch.items()
+    }

@@ -1,0 +1,530 @@
+"""Training and evaluation: pure step functions, and the loop that drives them.
+
+`train_step` and `eval_step` are module-level pure functions; `train_and_evaluate` binds
+the config into them with `functools.partial`, compiles them once with `jax.jit` over a
+mesh of every device (batch sharded, state replicated, state donated) and runs the loop.
+"""
+
+import functools
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, metrics, periodic_actions
+from etils import epath
+from flax.training import train_state
+
+from resnet_jax import checkpointing, config_checks, input_pipeline, sharding
+from resnet_jax.models import create_model
+
+_NO_STEP = np.iinfo(np.int32).max
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus the BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+    """The first step whose loss was NaN or infinite (`_NO_STEP` if none), kept on device."""
+
+    step: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, *, loss: jnp.ndarray, step: jnp.ndarray, **_) -> "FirstNonFinite":
+        return cls(step=jnp.where(jnp.isfinite(loss), _NO_STEP, step).astype(jnp.int32))
+
+    def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+        return type(self)(step=jnp.minimum(self.step, other.step))
+
+    def compute(self) -> jnp.ndarray:
+        return self.step
+
+
+@flax.struct.dataclass
+class NumExamples(metrics.Metric):
+    """How many examples the (masked) batches held."""
+
+    count: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, *, mask: jnp.ndarray, **_) -> "NumExamples":
+        return cls(count=mask.sum().astype(jnp.int32))
+
+    def merge(self, other: "NumExamples") -> "NumExamples":
+        return type(self)(count=self.count + other.count)
+
+    def compute(self) -> jnp.ndarray:
+        return self.count
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+    learning_rate: metrics.LastValue.from_output("learning_rate")
+    first_nonfinite_step: FirstNonFinite
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+    num_examples: NumExamples
+
+
+def _accuracies(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-example top-1 and top-5 hits (top-k with k = number of classes if fewer than 5)."""
+    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    _, top_k = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    top5 = (top_k == labels[:, None]).any(-1).astype(jnp.float32)
+    return top1, top5
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jnp.ndarray],
+    *,
+    learning_rate_fn: optax.Schedule,
+    label_smoothing: float,
+) -> tuple[TrainState, TrainMetrics]:
+    """One SGD step on a global batch; BatchNorm statistics are those of the whole batch."""
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    top1, top5 = _accuracies(logits, batch["label"])
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=loss,
+        top1=top1,
+        top5=top5,
+        learning_rate=learning_rate_fn(state.step),
+        step=state.step + 1,
+    )
+    return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jnp.ndarray]) -> EvalMetrics:
+    """Metrics of one padded batch; examples with mask False count nowhere."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    top1, top5 = _accuracies(logits, batch["label"])
+    return EvalMetrics.single_from_model_output(
+        loss=cross_entropy(logits, batch["label"]),
+        top1=top1,
+        top5=top5,
+        mask=batch["mask"],
+    )
+
+
+def create_learning_rate_fn(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_epochs`, then the configured schedule.
+
+    Boundaries of "multistep" (steps) and "piecewise" (epochs) are absolute: they count
+    from the start of training, warmup included.
+    """
+    base = config.learning_rate
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(base, max(1, num_train_steps - warmup))
+    elif config.lr_schedule == "constant":
+        main = optax.constant_schedule(base)
+    else:
+        if config.lr_schedule == "multistep":
+            boundaries = [int(s) for s in config.lr_decay_steps]
+        else:
+            boundaries = [int(round(e * steps_per_epoch)) for e in config.lr_decay_epochs]
+        main = optax.piecewise_constant_schedule(
+            base, {b - warmup: config.lr_decay_factor for b in boundaries if b > warmup}
+        )
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay added to the gradient (as PyTorch's SGD does).
+
+    Unless `weight_decay_all`, BatchNorm scales/biases and biases (every 1-D parameter)
+    are not decayed.
+    """
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: config.weight_decay_all or p.ndim > 1, params)
+
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Initialises parameters from `config.seed`, replicated over the mesh."""
+
+    def init(rng):
+        image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+        variables = model.init(rng, image, train=False)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
+
+
+def compile_steps(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
+) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and eval step for `mesh`."""
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    p_train_step = jax.jit(
+        functools.partial(
+            train_step,
+            learning_rate_fn=learning_rate_fn,
+            label_smoothing=config.label_smoothing,
+        ),
+        in_shardings=(replicated, batch),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batch), out_shardings=replicated)
+    return p_train_step, p_eval_step
+
+
+def evaluate(
+    p_eval_step: Callable,
+    state: TrainState,
+    split: input_pipeline.DatasetSplit,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float | int]:
+    """Top-1, top-5 and loss over every example of `split`, each counted exactly once."""
+    local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    num_batches = input_pipeline.num_eval_batches(
+        split.num_examples, split.process_count, local_batch
+    )
+    mean, std = input_pipeline.normalization(config)
+    totals = None
+    for batch in input_pipeline.eval_batches(
+        split, per_process_batch_size=local_batch, num_batches=num_batches, mean=mean, std=std
+    ):
+        batch_metrics = p_eval_step(state, sharding.global_batch(batch, mesh))
+        totals = batch_metrics if totals is None else totals.merge(batch_metrics)
+    values = totals.compute()
+    return {
+        "top1": float(values["top1"]),
+        "top5": float(values["top5"]),
+        "loss": float(values["loss"]),
+        "num_examples": int(values["num_examples"]),
+    }
+
+
+def _check_finite(values: dict[str, Any], last_step: int) -> None:
+    first = int(values["first_nonfinite_step"])
+    if first != _NO_STEP:
+        raise FloatingPointError(
+            f"Training diverged: the loss was not finite at step {first} (reported at step "
+            f"{last_step}). Lower --config.learning_rate, add warmup with "
+            "--config.warmup_epochs, or check the input data."
+        )
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> int:
+    """The model's output count: the dataset's, unless the config sets a compatible one."""
+    wanted = config.model.num_classes
+    if wanted is not None and wanted < dataset_classes:
+        raise config_checks.ConfigError(
+            f"model.num_classes={wanted} but dataset {config.dataset!r} has {dataset_classes} "
+            f"classes. Unset it or use --config.model.num_classes={dataset_classes}."
+        )
+    return wanted or dataset_classes
+
+
+def _write_json(path: epath.Path, payload: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+class _StopRequest:
+    """Notes a SIGTERM (what a preempted Cloud TPU VM gets) so the loop can stop cleanly.
+
+    The handler only sets a flag: the loop checks it at each step boundary, saves and
+    returns. With several processes, jax's preemption service (started by
+    `jax.distributed.initialize`) catches the signal and makes every process agree on
+    the step to stop at.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+
+def _data_position(
+    config: ml_collections.ConfigDict,
+    split: input_pipeline.DatasetSplit,
+    per_process_batch_size: int,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """What decides the order of the training batches (besides the step)."""
+    return {
+        "dataset": config.dataset,
+        "num_examples": split.num_examples,
+        "process_count": split.process_count,
+        "per_process_batch_size": per_process_batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "seed": config.seed,
+        "crop_padding": config.crop_padding,
+        "random_flip": config.random_flip,
+    }
+
+
+def _resume(manager, state, data_position: dict[str, Any]) -> TrainState:
+    state, meta = checkpointing.restore_for_resume(manager, state)
+    if meta is not None and meta["data"] != data_position:
+        logging.warning(
+            "The input settings differ from those of the checkpoint (%s, now %s): training "
+            "continues from step %d, but not with the batches an uninterrupted run would see.",
+            meta["data"], data_position, meta["step"],
+        )  # fmt: skip
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, evaluates periodically and at the end.
+
+    The starting state is, in this order: the newest readable checkpoint in
+    `workdir/checkpoints`, else a fresh initialisation from `config.seed`. A SIGTERM
+    saves a checkpoint at the next step boundary and returns early.
+
+    Returns:
+      The final evaluation (also written to `workdir/eval_results.json`), or
+      {"preempted": True, "step": N} after a SIGTERM.
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh()
+    local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
+    train_split = input_pipeline.load_split(config, "train")
+    eval_split = input_pipeline.load_split(config, "test")
+    num_classes = resolve_num_classes(config, train_split.num_classes)
+    steps_per_epoch = input_pipeline.steps_per_epoch(
+        train_split.num_examples, train_split.process_count, local_batch
+    )
+    num_steps = config.num_train_steps
+    if num_steps <= 0:
+        num_steps = max(1, int(config.num_epochs * steps_per_epoch))
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_steps)
+    model = create_model(config.model, num_classes, config.half_precision)
+    state = create_train_state(config, model, create_optimizer(config, learning_rate_fn), mesh)
+    p_train_step, p_eval_step = compile_steps(config, learning_rate_fn, mesh)
+    manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+    data_position = _data_position(config, train_split, local_batch, steps_per_epoch)
+    state = _resume(manager, state, data_position)
+    start_step = int(state.step)
+
+    logging.info(
+        "Training %s on %s: %d examples, %d classes, steps %d to %d (%d per epoch), global "
+        "batch %d over %d devices in %d processes.",
+        config.model.name, config.dataset, train_split.num_examples, num_classes, start_step,
+        num_steps, steps_per_epoch, config.batch_size, mesh.devices.size, jax.process_count(),
+    )  # fmt: skip
+    _write_json(workdir / "config.json", config.to_dict())
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    hooks = [
+        periodic_actions.ReportProgress(
+            num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
+        )
+    ]
+    if config.profile_num_steps and jax.process_index() == 0:
+        hooks.append(
+            periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_num_steps)
+        )
+
+    mean, std = input_pipeline.normalization(config)
+    batches = input_pipeline.prefetch(
+        input_pipeline.train_batches(
+            train_split,
+            per_process_batch_size=local_batch,
+            seed=config.seed,
+            start_step=start_step,
+            mean=mean,
+            std=std,
+            crop_padding=config.crop_padding,
+            random_flip=config.random_flip,
+        )
+    )
+    train_metrics = None
+    eval_results: dict[str, Any] = {}
+    interval_start, interval_step = time.perf_counter(), start_step
+    with _StopRequest() as stop_requested:
+        for step in range(start_step + 1, num_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = sharding.global_batch(next(batches), mesh)
+                state, step_metrics = p_train_step(state, batch)
+            train_metrics = (
+                step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            )
+            for hook in hooks:
+                hook(step)
+            last = step == num_steps
+            if step % config.log_every_steps == 0 or last:
+                values = train_metrics.compute()
+                _check_finite(values, step)
+                elapsed = time.perf_counter() - interval_start
+                scalars = {
+                    f"train_{k}": v for k, v in values.items() if k != "first_nonfinite_step"
+                }
+                scalars["train_examples_per_sec"] = (
+                    (step - interval_step) * config.batch_size / elapsed
+                )
+                writer.write_scalars(step, scalars)
+                train_metrics = None
+                interval_start, interval_step = time.perf_counter(), step
+            evaluated = step % config.eval_every_steps == 0 or last
+            if evaluated:
+                eval_results = evaluate(p_eval_step, state, eval_split, config, mesh)
+                writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_results.items()})
+                eval_results["step"] = step
+            if step % config.checkpoint_every_steps == 0 or last:
+                if train_metrics is not None:
+                    _check_finite(train_metrics.compute(), step)  # Never save a diverged state.
+                checkpointing.save(
+                    manager, state, config, data_position, eval_results if evaluated else None
+                )
+            if not last and stop_requested(step):
+                checkpointing.save(manager, state, config, data_position)
+                manager.wait_until_finished()
+                writer.flush()
+                logging.warning(
+                    "SIGTERM received: saved a checkpoint at step %d in %s and stopped. "
+                    "Rerun the same command to resume.", step, manager.directory,
+                )  # fmt: skip
+                return {"preempted": True, "step": step}
+    manager.wait_until_finished()
+    writer.flush()
+    if not eval_results:  # Already trained to the end: evaluate what there is.
+        eval_results = evaluate(p_eval_step, state, eval_split, config, mesh)
+        eval_results["step"] = int(state.step)
+    eval_results.update(model=config.model.name, dataset=config.dataset)
+    _write_json(workdir / "eval_results.json", eval_results)
+    logging.info("Final evaluation: %s", eval_results)
+    return eval_results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the checkpoint `config.eval_checkpoint` of `workdir` on the test split.
+
+    Only the model (params and BN statistics) is read, onto this machine's devices,
+    whatever the device count of the run that saved it.
+
+    Returns:
+      top1, top5, loss, num_examples, step (also written to `workdir/eval_results.json`).
+    """
+    workdir = epath.Path(workdir)
+    if not (workdir / checkpointing.CHECKPOINT_DIR).exists():
+        raise checkpointing.CheckpointError(
+            f"No checkpoint in {workdir}: {workdir / checkpointing.CHECKPOINT_DIR} does not "
+            "exist. Train first (--mode=train with this --workdir), or point --workdir at "
+            "the directory of a trained run."
+        )
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    step = checkpointing.select_step(manager, config.eval_checkpoint)
+    mesh = sharding.make_mesh()
+    eval_split = input_pipeline.load_split(config, "test")
+    num_classes = resolve_num_classes(config, eval_split.num_classes)
+    model = create_model(config.model, num_classes, config.half_precision)
+    image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    replicated = sharding.replicated(mesh)
+    template = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template
+    )
+    try:
+        variables, _, _ = checkpointing.restore(manager, step, template)
+    except checkpointing.CorruptCheckpointError as e:
+        others = [s for s in manager.all_steps() if s != step]
+        raise checkpointing.CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} is corrupt: {e}. Evaluate "
+            f"another step with --config.eval_checkpoint=STEP (available: {others})."
+        ) from e
+    state = TrainState(
+        step=step,
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=None,
+        opt_state=None,
+    )
+    _, p_eval_step = compile_steps(config, optax.constant_schedule(0.0), mesh)
+    results = evaluate(p_eval_step, state, eval_split, config, mesh)
+    results.update(
+        step=step,
+        checkpoint=str(config.eval_checkpoint),
+        model=config.model.name,
+        dataset=config.dataset,
+    )
+    _write_json(workdir / "eval_results.json", results)
+    logging.info("Evaluation of checkpoint step %d: %s", step, results)
+    return results

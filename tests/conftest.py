@@ -1,0 +1,26 @@
+"""Test set-up: four simulated CPU devices, and a persistent compilation cache.
+
+XLA reads the device-count flag once, when jax initialises its backends, so it has to
+be in the environment before anything imports jax. The variables are inherited by the
+`python -m resnet_jax.main` subprocesses that the tests start.
+
+XLA:CPU compiles slowly on a 2-core machine (a tiny ResNet's jitted init alone takes
+over 10 s, mostly its random initialisers), and many tests build the same programs, in
+this process and in subprocesses: the persistent cache compiles each of them once.
+"""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

@@ -1,0 +1,288 @@
+"""The model zoo: exact parameter counts, layouts, dtypes and BatchNorm behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from resnet_jax import config_checks
+from resnet_jax.models import MODEL_NAMES, create_model
+
+
+def model_config(name, **overrides):
+    config = default.get_config().model
+    config.name = name
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def shapes(name, num_classes, image_size=32, **overrides):
+    model = create_model(model_config(name, **overrides), num_classes)
+    x = jnp.zeros((1, image_size, image_size, 3))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+def count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def projection_params(params):
+    """Parameters of every 1x1-conv + BN projection shortcut."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(
+        int(np.prod(leaf.shape))
+        for path, leaf in flat
+        if any("downsample" in str(getattr(key, "key", "")) for key in path)
+    )
+
+
+# Counts from ../shared/REFERENCE.md: torchvision's models and the paper's option-A nets.
+@pytest.mark.parametrize(
+    "name,num_classes,stem,image_size,expected",
+    [
+        ("resnet18", 100, "cifar", 32, 11_220_132),
+        ("resnet18", 1000, "imagenet", 224, 11_689_512),
+        ("resnet34", 1000, "imagenet", 224, 21_797_672),
+        ("resnet50", 1000, "imagenet", 224, 25_557_032),
+        ("resnet101", 1000, "imagenet", 224, 44_549_160),
+        ("resnet152", 1000, "imagenet", 224, 60_192_808),
+        ("resnet20", 10, "cifar", 32, 269_722),
+        ("resnet56", 10, "cifar", 32, 853_018),
+        ("resnet110", 10, "cifar", 32, 1_727_962),
+    ],
+)
+def test_parameter_counts(name, num_classes, stem, image_size, expected):
+    variables = shapes(name, num_classes, image_size, stem=stem, shortcut="A")
+    assert count(variables["params"]) == expected
+
+
+def test_resnet1202_has_the_papers_19_4m_parameters():
+    assert round(count(shapes("resnet1202", 10)["params"]) / 1e6, 1) == 19.4
+
+
+@pytest.mark.parametrize(
+    "depth,stem,shortcut,image_size",
+    [
+        (18, "cifar", "A", 32),
+        (34, "imagenet", "A", 64),
+        (50, "imagenet", "A", 64),
+        (152, "cifar", "A", 32),
+        (20, "cifar", "A", 32),
+        (20, "cifar", "B", 32),
+        (110, "cifar", "B", 32),
+    ],
+)
+def test_plain_twin_is_the_resnet_minus_its_projections(depth, stem, shortcut, image_size):
+    kwargs = dict(stem=stem, shortcut=shortcut)
+    residual = shapes(f"resnet{depth}", 10, image_size, **kwargs)["params"]
+    plain = shapes(f"plain{depth}", 10, image_size, **kwargs)["params"]
+    projections = projection_params(residual)
+    if depth in (20, 110) and shortcut == "A":
+        assert projections == 0
+    else:
+        assert projections > 0
+    assert count(plain) == count(residual) - projections
+    assert projection_params(plain) == 0
+
+
+def test_option_b_adds_exactly_two_projections_to_resnet20():
+    # 16->32: 1x1 conv 512 + BN 64; 32->64: 1x1 conv 2048 + BN 128.
+    variables = shapes("resnet20", 10, shortcut="B")
+    assert count(variables["params"]) == 269_722 + 576 + 2176
+
+
+def test_width_multiplier_scales_every_stage():
+    params = shapes("resnet20", 10, width_multiplier=2.0)["params"]
+    assert params["conv1"]["kernel"].shape == (3, 3, 3, 32)
+    assert params["layer3_2"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert params["fc"]["kernel"].shape == (128, 10)
+
+
+def test_names_follow_torchvision():
+    params = shapes("resnet50", 1000, 64, stem="imagenet")["params"]
+    block = params["layer2_0"]
+    assert sorted(block) == [
+        "bn1", "bn2", "bn3", "conv1", "conv2", "conv3", "downsample_bn", "downsample_conv",
+    ]  # fmt: skip
+    # v1.5: the stride sits on the 3x3 conv; Flax kernels are HWIO.
+    assert block["conv2"]["kernel"].shape == (3, 3, 128, 128)
+    assert block["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
+    assert params["fc"]["kernel"].shape == (2048, 1000)
+
+
+def small_model(name="resnet20", half_precision=False, **overrides):
+    overrides.setdefault("width_multiplier", 0.25)
+    return create_model(model_config(name, **overrides), 7, half_precision)
+
+
+def images(batch=4, size=16, seed=0):
+    return jax.random.normal(jax.random.key(seed), (batch, size, size, 3))
+
+
+def test_stems_set_the_feature_map_sizes():
+    x = images(size=64)
+    for stem, conv1_size, layer1_size in (("imagenet", 32, 16), ("cifar", 64, 64)):
+        model = small_model("resnet18", stem=stem, width_multiplier=0.125)
+        variables = model.init(jax.random.key(0), x)
+        _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        inter = state["intermediates"]
+        assert inter["conv1"]["__call__"][0].shape == (4, conv1_size, conv1_size, 8)
+        assert inter["layer1_0"]["__call__"][0].shape == (4, layer1_size, layer1_size, 8)
+
+
+@pytest.mark.parametrize("half_precision", [False, True])
+def test_output_shapes_and_dtypes(half_precision):
+    model = small_model(half_precision=half_precision)
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.dtype == jnp.float32  # Params and BN statistics stay float32.
+    (logits, state) = model.apply(
+        variables,
+        x,
+        train=True,
+        capture_intermediates=True,
+        mutable=["batch_stats", "intermediates"],
+    )
+    assert logits.shape == (4, 7) and logits.dtype == jnp.float32
+    compute = jnp.bfloat16 if half_precision else jnp.float32
+    assert state["intermediates"]["layer2_0"]["conv1"]["__call__"][0].dtype == compute
+    for leaf in jax.tree.leaves(state["batch_stats"]):
+        assert leaf.dtype == jnp.float32
+
+
+def test_bfloat16_logits_are_close_to_float32():
+    x = images()
+    model32, model16 = small_model(), small_model(half_precision=True)
+    variables = model32.init(jax.random.key(0), x)
+    out32 = model32.apply(variables, x)
+    out16 = model16.apply(variables, x)
+    assert not np.array_equal(out32, out16)
+    np.testing.assert_allclose(out16, out32, atol=0.1 * float(jnp.abs(out32).max()) + 1e-3)
+
+
+def test_eval_mode_is_deterministic_and_leaves_batch_stats_unchanged():
+    model = small_model()
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    out1, state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    out2 = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(out1, out2)
+    jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
+    # Running statistics, not the batch: one example's logits do not depend on the others.
+    np.testing.assert_allclose(model.apply(variables, x[:1])[0], out1[0], rtol=1e-5, atol=1e-6)
+
+
+def test_train_mode_updates_batch_stats_with_the_configured_momentum():
+    model = small_model(bn_momentum=0.75, bn_epsilon=1e-3)
+    x = images(batch=8)
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(
+        variables,
+        x,
+        train=True,
+        capture_intermediates=True,
+        mutable=["batch_stats", "intermediates"],
+    )
+    conv1_out = state["intermediates"]["conv1"]["__call__"][0]
+    stats = state["batch_stats"]["bn1"]
+    # Initial running mean 0, variance 1; new = 0.75 * old + 0.25 * batch statistic.
+    np.testing.assert_allclose(
+        stats["mean"], 0.25 * conv1_out.mean((0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        stats["var"], 0.75 + 0.25 * conv1_out.var((0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), state["batch_stats"], variables["batch_stats"]
+    )
+    assert all(jax.tree.leaves(changed))
+
+
+def test_batch_norm_epsilon_is_used():
+    x = images()
+    outputs = []
+    for epsilon in (1e-5, 10.0):
+        model = small_model(bn_epsilon=epsilon)
+        outputs.append(model.apply(model.init(jax.random.key(0), x), x))
+    assert not np.allclose(outputs[0], outputs[1])
+
+
+def test_zero_init_residual_makes_each_block_start_as_the_identity():
+    model = small_model(zero_init_residual=True, shortcut="A")
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    for name in ("layer1_0", "layer2_0", "layer3_2"):
+        assert not variables["params"][name]["bn2"]["scale"].any()
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    # layer1_1's input is layer1_0's (non-negative) output: the block passes it through.
+    np.testing.assert_allclose(inter["layer1_1"]["__call__"][0], inter["layer1_0"]["__call__"][0])
+    # Plain nets have no shortcut to carry the signal, so their last BN keeps scale 1.
+    plain = small_model("plain20", zero_init_residual=True)
+    plain_params = plain.init(jax.random.key(0), x)["params"]
+    assert (plain_params["layer1_0"]["bn2"]["scale"] == 1).all()
+
+
+def test_option_a_shortcut_zero_pads_new_channels():
+    model = small_model(zero_init_residual=True, shortcut="A")
+    x = images()
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    block_in = inter["layer1_2"]["__call__"][0]  # 4 channels, 16x16
+    block_out = inter["layer2_0"]["__call__"][0]  # 8 channels, 8x8
+    # Zero branch: the output is relu(shortcut) = input subsampled, channels 2..5 of 8.
+    np.testing.assert_allclose(block_out[..., 2:6], block_in[:, ::2, ::2, :], atol=1e-6)
+    assert not block_out[..., :2].any() and not block_out[..., 6:].any()
+
+
+def test_registry_lists_every_family_and_its_plain_twin():
+    for depth in (18, 34, 50, 101, 152, 20, 32, 44, 56, 110, 1202):
+        assert f"resnet{depth}" in MODEL_NAMES and f"plain{depth}" in MODEL_NAMES
+
+
+def test_any_6n_plus_2_depth_builds():
+    # resnet26 is not in the paper's table but is a valid 6n+2 net (n=4).
+    params = shapes("resnet26", 10)["params"]
+    assert "layer1_3" in params and "layer1_4" not in params
+
+
+def checked(**overrides):
+    config = default.get_config()
+    for key, value in overrides.items():
+        config.model[key] = value
+    config_checks.validate(config)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(name="vgg16"), r"Unknown model name 'vgg16'.*resnet18.*resnet56.*plain110"),
+        (dict(name="resnet58"), r"depth 58 .*6n \+ 2.*Valid names"),
+        (dict(name="plain21"), r"depth 21 .*6n \+ 2"),
+        (dict(num_classes=0), r"model.num_classes=0 must be a positive"),
+        (dict(num_classes=-3), r"model.num_classes=-3 must be a positive"),
+        (dict(width_multiplier=0.0), r"model.width_multiplier=0.0 must be positive"),
+        (dict(width_multiplier=-1.0), r"model.width_multiplier=-1.0 must be positive"),
+        (dict(stem="tiny"), r"model.stem='tiny' is not one of \('cifar', 'imagenet'\)"),
+        (dict(shortcut="C"), r"model.shortcut='C' is not one of \('A', 'B'\)"),
+        (dict(bn_momentum=1.0), r"bn_momentum=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_bad_model_config_is_rejected_with_the_valid_choices(overrides, match):
+    with pytest.raises(config_checks.ConfigError, match=match):
+        checked(**overrides)
+
+
+def test_every_shipped_config_is_valid():
+    from configs import paper_cifar10, resnet18, resnet34_cifar100, resnet50_cifar100, smoke
+
+    for module in (resnet18, resnet34_cifar100, resnet50_cifar100, smoke):
+        config_checks.validate(module.get_config())
+    for depth in ("20", "56", "110"):
+        config = paper_cifar10.get_config(depth)
+        config_checks.validate(config)
+        assert config.model.name == f"resnet{depth}"

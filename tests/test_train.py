@@ -1,0 +1,242 @@
+"""Train and evaluate: sharded steps, schedules, the optimizer and the end-to-end job."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from data_fixtures import prepare_cifar100, write_cifar100_archive, write_image_folder
+
+from configs import default, smoke
+from resnet_jax import config_checks, input_pipeline, sharding, train
+from resnet_jax.models import create_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def tiny_config(**overrides):
+    config = smoke.get_config()
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def tiny_state(config, mesh, num_classes=5):
+    model = create_model(config.model, num_classes)
+    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
+    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
+    return state, lr_fn
+
+
+def random_batch(batch_size=8, size=16, num_classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+    }
+
+
+def test_one_device_and_four_devices_take_the_same_step():
+    assert jax.device_count() == 4, "conftest.py sets 4 simulated CPU devices"
+    config = tiny_config(weight_decay=1e-3, label_smoothing=0.1, nesterov=True)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(devices)
+        state, lr_fn = tiny_state(config, mesh)
+        p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+        losses = []
+        for step in range(3):
+            batch = sharding.global_batch(random_batch(seed=step), mesh)
+            state, step_metrics = p_train_step(state, batch)
+            losses.append(float(step_metrics.compute()["loss"]))
+        assert len(state.params["conv1"]["kernel"].sharding.device_set) == len(devices)
+        results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
+    (losses1, params1, stats1), (losses4, params4, stats4) = results
+    np.testing.assert_allclose(losses1, losses4, rtol=1e-5)
+    assert losses1[0] != losses1[2]  # The parameters did move.
+    for a, b in zip(
+        jax.tree.leaves((params1, stats1)), jax.tree.leaves((params4, stats4)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_norm_statistics_are_over_the_global_batch():
+    config = tiny_config()
+    mesh = sharding.make_mesh()
+    state, lr_fn = tiny_state(config, mesh)
+    batch = random_batch()
+    # Shift one device's quarter of the batch: a per-device mean would miss it elsewhere.
+    batch["image"][:2] += 5.0
+    model = create_model(config.model, 5)
+    _, updates = model.apply(
+        {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)},
+        batch["image"], train=True, mutable=["batch_stats"],
+    )  # fmt: skip
+    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+    new_state, _ = p_train_step(state, sharding.global_batch(batch, mesh))  # Donates `state`.
+    np.testing.assert_allclose(
+        new_state.batch_stats["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"], rtol=1e-5
+    )
+
+
+def schedule(**overrides):
+    config = default.get_config()
+    config.learning_rate = 0.1
+    for key, value in overrides.items():
+        config[key] = value
+    return train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=1000)
+
+
+def test_cosine_schedule_with_warmup():
+    lr = schedule(lr_schedule="cosine", warmup_epochs=1.0)
+    assert float(lr(0)) == 0.0
+    assert float(lr(50)) == pytest.approx(0.05)
+    assert float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(550)) == pytest.approx(0.05, rel=1e-4)  # Halfway through the cosine.
+    assert float(lr(1000)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_multistep_schedule_is_the_papers():
+    lr = schedule(lr_schedule="multistep", lr_decay_steps=(300, 600), lr_decay_factor=0.1)
+    assert [float(lr(s)) for s in (0, 299, 300, 599, 600, 999)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+
+
+def test_piecewise_schedule_counts_epochs_from_the_start_warmup_included():
+    lr = schedule(
+        lr_schedule="piecewise", lr_decay_epochs=(2.0, 5.0), lr_decay_factor=0.2, warmup_epochs=1.0
+    )
+    assert float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(199)) == pytest.approx(0.1)
+    assert float(lr(200)) == pytest.approx(0.02)
+    assert float(lr(500)) == pytest.approx(0.004)
+
+
+def test_weight_decay_skips_batch_norm_and_biases_unless_asked():
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)},
+              "fc": {"bias": jnp.ones(2)}}  # fmt: skip
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for decay_all, decayed in ((False, {"kernel"}), (True, {"kernel", "scale", "bias"})):
+        config = default.get_config()
+        config.weight_decay, config.weight_decay_all, config.momentum = 0.01, decay_all, 0.0
+        tx = train.create_optimizer(config, optax.constant_schedule(0.5))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+            name = path[-1].key
+            expected = -0.5 * 0.01 if name in decayed else 0.0
+            np.testing.assert_allclose(update, expected, atol=1e-9)
+
+
+def test_batch_size_not_divisible_by_the_device_count_is_rejected():
+    mesh = sharding.make_mesh()
+    with pytest.raises(
+        config_checks.ConfigError,
+        match=r"batch_size=6 is not divisible by the 4 devices.*--config.batch_size=4 or 8",
+    ):
+        sharding.per_process_batch_size(6, mesh)
+
+
+def test_num_classes_smaller_than_the_dataset_is_rejected():
+    config = tiny_config()
+    config.model.num_classes = 3
+    assert train.resolve_num_classes(config, 3) == 3
+    with pytest.raises(
+        config_checks.ConfigError, match=r"model.num_classes=3 but dataset .* has 10 classes"
+    ):
+        train.resolve_num_classes(config, 10)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    written = write_cifar100_archive(root / "manual", num_train=64, num_test=37, seed=3)
+    prepare_cifar100(root / "data", root / "manual")
+    return root, written
+
+
+def test_evaluation_counts_every_example_exactly_once(cifar):
+    root, written = cifar
+    config = default.get_config()
+    config.model.name, config.model.width_multiplier = "resnet8", 0.25
+    config.data_dir, config.manual_dir = str(root / "data"), str(root / "manual")
+    config.eval_batch_size = 8  # 37 = 4 * 8 + 5: the last batch is padded.
+    mesh = sharding.make_mesh()
+    split = input_pipeline.load_split(config, "test")
+    state, lr_fn = tiny_state(config, mesh, num_classes=100)
+    _, p_eval_step = train.compile_steps(config, lr_fn, mesh)
+    results = train.evaluate(p_eval_step, state, split, config, mesh)
+    assert results["num_examples"] == 37
+    # The same numbers computed directly over the 37 examples, unbatched.
+    mean, std = input_pipeline.normalization(config)
+    images = (written["test"]["images"] / 255.0 - mean) / std
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+    labels = written["test"]["fine_labels"]
+    assert results["top1"] == pytest.approx(float((np.argmax(logits, -1) == labels).mean()))
+    expected_loss = float(train.cross_entropy(logits, jnp.asarray(labels, jnp.int32)).mean())
+    assert results["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_image_folder(root, COLORS, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
+    return root
+
+
+def run_main(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_jax.main", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def scalars(workdir, tag):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    accumulator = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return [
+        (e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in accumulator.Tensors(tag)
+    ]
+
+
+def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
+    workdir = tmp_path / "run"
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
+                      f"--config.data_dir={toy_folder}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert results["num_examples"] == 3 * 21
+    assert results["step"] == 150
+    assert results["top1"] >= 0.9
+    losses = scalars(workdir, "train_loss")
+    assert [step for step, _ in losses] == [25, 50, 75, 100, 125, 150]
+    assert losses[-1][1] < 0.5 * losses[0][1]
+    assert [step for step, _ in scalars(workdir, "eval_top1")] == [75, 150]
+
+
+def test_diverging_training_stops_naming_the_step(toy_folder, tmp_path):
+    config = tiny_config(learning_rate=1e12, num_train_steps=20, log_every_steps=10,
+                         eval_every_steps=100, data_dir=str(toy_folder))  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"not finite at step \d+ \(reported at step 10\)"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unknown_dataset_and_missing_folder_are_clear_errors(tmp_path):
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
+                      f"--config.data_dir={tmp_path / 'nowhere'}")  # fmt: skip
+    assert result.returncode == 1
+    assert str(tmp_path / "nowhere") in result.stderr
+    assert "Traceback" not in result.stderr
