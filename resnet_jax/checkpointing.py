@@ -83,6 +83,10 @@ def create_manager(
         ]
     )
     options = ocp.CheckpointManagerOptions(
+        # best_fn makes Orbax write each step's metrics to disk, so "best" survives a
+        # restart; which steps are kept is decided by the policy alone.
+        best_fn=lambda metrics: metrics["top1"],
+        best_mode="max",
         preservation_policy=None if read_only else policy,
         read_only=read_only,
         create=not read_only,

@@ -447,14 +447,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 eval_results = evaluate(p_eval_step, state, eval_split, config, mesh)
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_results.items()})
                 eval_results["step"] = step
-            if step % config.checkpoint_every_steps == 0 or last:
+            # Saving at each evaluation lets "keep the best by eval top-1" see every score.
+            saved = step % config.checkpoint_every_steps == 0 or evaluated or last
+            if saved:
                 if train_metrics is not None:
                     _check_finite(train_metrics.compute(), step)  # Never save a diverged state.
                 checkpointing.save(
                     manager, state, config, data_position, eval_results if evaluated else None
                 )
             if not last and stop_requested(step):
-                checkpointing.save(manager, state, config, data_position)
+                if not saved:
+                    checkpointing.save(manager, state, config, data_position)
                 manager.wait_until_finished()
                 writer.flush()
                 logging.warning(

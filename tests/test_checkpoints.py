@@ -1,0 +1,354 @@
+"""Checkpoints: exact resume after SIGKILL, SIGTERM, eval from a checkpoint, bad checkpoints."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from data_fixtures import write_image_folder
+
+from configs import smoke
+from resnet_jax import checkpointing, sharding, train
+from resnet_jax.models import create_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+STEPS, EVERY = 120, 40
+STEP_LINE = re.compile(r"\[(\d+)\] train_")
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_image_folder(root, COLORS, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
+    return root
+
+
+def main_command(workdir, toy_folder, *extra):
+    return [
+        sys.executable, "-m", "resnet_jax.main", "--config", "configs/smoke.py",
+        "--workdir", str(workdir), f"--config.data_dir={toy_folder}",
+        f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
+        "--config.eval_every_steps=60", "--config.log_every_steps=1", *extra,
+    ]  # fmt: skip
+
+
+def environment(devices=4):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run(command, devices=4):
+    result = subprocess.run(
+        command, cwd=ROOT, env=environment(devices), capture_output=True, text=True, timeout=600
+    )
+    return result
+
+
+def start_and_stop_at(command, workdir, min_step, stop_signal):
+    """Starts a run and stops it with `stop_signal` between two checkpoints.
+
+    The run is frozen (SIGSTOP) once it has logged `min_step`; if by then no checkpoint
+    is complete, or it stands exactly at one, it is let go again until the next step.
+
+    Returns (the last step it logged before the signal, its stderr, its exit code).
+    """
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True
+    )
+    last_logged, lines = 0, []
+    for line in process.stderr:
+        lines.append(line)
+        match = STEP_LINE.search(line)
+        if not match:
+            continue
+        last_logged = int(match.group(1))
+        if last_logged >= min_step:
+            process.send_signal(signal.SIGSTOP)
+            steps = saved_steps(workdir)
+            if steps and max(steps) < last_logged:
+                break
+            process.send_signal(signal.SIGCONT)
+    assert last_logged >= min_step, "".join(lines[-30:])
+    process.send_signal(stop_signal)
+    if stop_signal != signal.SIGKILL:
+        process.send_signal(signal.SIGCONT)
+    rest = process.stderr.read()
+    process.wait(timeout=300)
+    return last_logged, "".join(lines) + rest, process.returncode
+
+
+def saved_steps(workdir):
+    """Complete steps (Orbax renames a step's temporary folder to its number when done)."""
+    folder = workdir / "checkpoints"
+    return (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    )
+
+
+def final_arrays(workdir, step=STEPS):
+    """The model and optimizer arrays of a finished run, read back with plain Orbax."""
+    checkpointer = ocp.StandardCheckpointer()
+    return {
+        item: checkpointer.restore(workdir / "checkpoints" / str(step) / item)
+        for item in ("model", "optimizer")
+    }
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_folder, tmp_path_factory):
+    """An uninterrupted run on 4 simulated devices."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run(main_command(workdir, toy_folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tmp_path):
+    workdir = tmp_path / "killed"
+    command = main_command(workdir, toy_folder)
+    last_logged, _, returncode = start_and_stop_at(command, workdir, 45, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
+    assert not (workdir / "eval_results.json").exists()
+    latest = max(saved_steps(workdir))
+    # Killed between checkpoints: the steps after `latest` are lost and must be redone.
+    assert latest in (40, 60, 80) and latest < last_logged < STEPS
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from checkpoint step {latest}" in resumed.stderr
+    assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
+    reference = json.loads((reference_run / "eval_results.json").read_text())
+    assert json.loads((workdir / "eval_results.json").read_text()) == reference
+
+
+def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_folder, tmp_path):
+    workdir = tmp_path / "preempted"
+    command = main_command(workdir, toy_folder)
+    last_logged, stderr, returncode = start_and_stop_at(command, workdir, 10, signal.SIGTERM)
+    assert returncode == 0, stderr[-3000:]
+    match = re.search(
+        r"SIGTERM received: saved a checkpoint at step (\d+) in (\S+) and stopped", stderr
+    )
+    assert match, stderr[-3000:]
+    stopped_at = int(match.group(1))
+    assert last_logged <= stopped_at < STEPS
+    assert stopped_at in saved_steps(workdir)
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
+    assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
+
+
+def test_rerunning_a_finished_run_trains_no_further(reference_run, toy_folder):
+    before = final_arrays(reference_run)
+    again = run(main_command(reference_run, toy_folder))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert saved_steps(reference_run)[-1] == STEPS
+    assert_bitwise_equal(final_arrays(reference_run), before)
+
+
+def eval_command(workdir, toy_folder, *extra):
+    return [
+        sys.executable, "-m", "resnet_jax.main", "--config", "configs/smoke.py", "--mode=eval",
+        "--workdir", str(workdir), f"--config.data_dir={toy_folder}", *extra,
+    ]  # fmt: skip
+
+
+def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_folder, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run, workdir)
+    (workdir / "eval_results.json").unlink()
+    for step in saved_steps(workdir):  # Evaluation must not need the optimizer state.
+        shutil.rmtree(workdir / "checkpoints" / str(step) / "optimizer")
+    result = run(eval_command(workdir, toy_folder), devices=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    written = json.loads((workdir / "eval_results.json").read_text())
+    assert printed == written
+    reference = json.loads((reference_run / "eval_results.json").read_text())
+    assert written["step"] == STEPS and written["num_examples"] == 63
+    assert written["top1"] == reference["top1"] and written["top5"] == reference["top5"]
+    assert written["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+
+
+def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run, workdir)
+    steps = saved_steps(workdir)
+    assert steps == [60, 80, 120] or steps == [80, 120]  # The latest 2, plus the best if older.
+    result = run(eval_command(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == steps[0]
+    missing = run(eval_command(workdir, toy_folder, "--config.eval_checkpoint=7"))
+    assert missing.returncode == 1
+    assert f"No checkpoint step 7 in {workdir / 'checkpoints'}. Available steps: {steps}" in (
+        missing.stderr
+    )
+
+
+# In-process tests of the checkpoint module on a tiny state.
+
+
+def tiny_state(num_classes=3, name="resnet8"):
+    config = smoke.get_config()
+    config.model.name = name
+    mesh = sharding.make_mesh()
+    model = create_model(config.model, num_classes)
+    lr_fn = train.create_learning_rate_fn(config, 10, 100)
+    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
+    return config, state
+
+
+@pytest.fixture(scope="module")
+def state_and_config():
+    config, state = tiny_state()
+    return config, state
+
+
+def save_steps(workdir, config, state, steps, metrics=None, keep=3):
+    manager = checkpointing.create_manager(workdir, keep)
+    for i, step in enumerate(steps):
+        state_at = state.replace(
+            step=jnp.asarray(step, jnp.int32),
+            params=jax.tree.map(lambda p, s=step: p + s, state.params),
+        )
+        checkpointing.save(
+            manager, state_at, config, {"seed": 0}, None if metrics is None else metrics[i]
+        )
+    manager.wait_until_finished()
+    return manager
+
+
+def test_keeps_the_latest_n_plus_the_best(state_and_config, tmp_path):
+    config, state = state_and_config
+    top1 = [0.5, 0.9, 0.6, 0.7, 0.65]
+    manager = save_steps(
+        tmp_path, config, state, [1, 2, 3, 4, 5], [{"top1": t} for t in top1], keep=2
+    )
+    assert manager.all_steps() == [2, 4, 5]
+    assert checkpointing.select_step(manager, "best") == 2
+    assert checkpointing.select_step(manager, "latest") == 5
+
+
+def corrupt_arrays(step_dir):
+    for path in (step_dir / "model").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage" * 10)
+
+
+def test_resume_skips_a_corrupt_latest_step_with_a_warning(state_and_config, tmp_path, caplog):
+    config, state = state_and_config
+    save_steps(tmp_path, config, state, [10, 20])
+    corrupt_arrays(tmp_path / "checkpoints" / "20")
+    # A save that was cut short leaves only Orbax's temporary folder: never a step.
+    (tmp_path / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()
+    manager = checkpointing.create_manager(tmp_path)
+    assert manager.all_steps() == [10, 20]
+    with caplog.at_level("WARNING"):
+        restored, meta = checkpointing.restore_for_resume(manager, state)
+    assert int(restored.step) == 10 and meta["step"] == 10
+    np.testing.assert_array_equal(
+        restored.params["fc"]["bias"], np.asarray(state.params["fc"]["bias"]) + 10
+    )
+    assert "Checkpoint step 20" in caplog.text and "is corrupt" in caplog.text
+    assert manager.all_steps() == [10]
+    assert (tmp_path / "corrupt_checkpoints" / "20" / "model").is_dir()  # Kept, not deleted.
+
+
+def test_altered_arrays_fail_the_fingerprint(state_and_config, tmp_path):
+    config, state = state_and_config
+    manager = save_steps(tmp_path, config, state, [10])
+    meta_path = next((tmp_path / "checkpoints" / "10" / "meta").glob("*"))
+    meta = json.loads(meta_path.read_text())
+    meta["fingerprints"]["model"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="model arrays differ"):
+        checkpointing.restore(manager, 10, checkpointing.model_tree(state))
+
+
+def test_eval_of_a_corrupt_step_is_a_clear_error(state_and_config, tmp_path, toy_folder):
+    config, state = state_and_config
+    save_steps(tmp_path, config, state, [10, 20])
+    corrupt_arrays(tmp_path / "checkpoints" / "20")
+    config = config.copy_and_resolve_references()
+    config.data_dir = str(toy_folder)
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"Checkpoint step 20 in .* is corrupt: .*--config.eval_checkpoint=STEP \(available: \[10\]\)",
+    ):
+        train.evaluate_checkpoint(config, str(tmp_path))
+
+
+def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
+    state_and_config, tmp_path, toy_folder
+):
+    config, state = state_and_config
+    save_steps(tmp_path, config, state, [10])
+    config = config.copy_and_resolve_references()
+    config.data_dir = str(toy_folder)
+    config.model.num_classes = 7
+    with pytest.raises(checkpointing.CheckpointError) as error:
+        train.evaluate_checkpoint(config, str(tmp_path))
+    message = str(error.value)
+    assert "does not fit the configured model" in message
+    assert "fc/kernel: checkpoint [16, 3] vs model [16, 7]" in message
+    assert "fc/bias: checkpoint [3] vs model [7]" in message
+    config.model.num_classes = None
+    config.model.name = "resnet14"
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"params/layer1_1/conv1/kernel: checkpoint missing vs model \[3, 3, 4, 4\]",
+    ):
+        train.evaluate_checkpoint(config, str(tmp_path))
+
+
+def test_resume_with_another_model_is_an_error_not_a_fallback(state_and_config, tmp_path):
+    config, state = state_and_config
+    manager = save_steps(tmp_path, config, state, [10])
+    _, other = tiny_state(num_classes=5)
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"fc/kernel: checkpoint \[16, 3\] vs model \[16, 5\]"
+    ):
+        checkpointing.restore_for_resume(manager, other)
+    assert manager.all_steps() == [10]  # Not moved aside: it is not corrupt.
+
+
+def test_eval_without_a_checkpoint_says_so(tmp_path, toy_folder):
+    config = smoke.get_config()
+    config.data_dir = str(toy_folder)
+    with pytest.raises(checkpointing.CheckpointError, match=r"No checkpoint in .*Train first"):
+        train.evaluate_checkpoint(config, str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(checkpointing.CheckpointError, match=r"No checkpoint in .*Train first"):
+        train.evaluate_checkpoint(config, str(tmp_path))
+
+
+def test_a_checkpoint_holds_what_resuming_needs(reference_run):
+    meta_dir = reference_run / "checkpoints" / str(STEPS) / "meta"
+    meta = json.loads(next(meta_dir.glob("*")).read_text())
+    assert meta["step"] == STEPS
+    assert meta["config"]["model"]["name"] == "resnet8"
+    assert meta["rng"] == {"seed": 0, "step": STEPS}
+    assert meta["data"]["steps_per_epoch"] == 6 and meta["data"]["per_process_batch_size"] == 32
+    arrays = final_arrays(reference_run)
+    assert set(arrays["model"]) == {"params", "batch_stats"}
+    assert int(arrays["optimizer"]["step"]) == STEPS
+    assert jax.tree.leaves(arrays["optimizer"]["opt_state"])  # Momentum buffers.
