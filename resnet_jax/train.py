@@ -398,8 +398,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     ]
     if config.profile_num_steps and jax.process_index() == 0:
+        # Profiles steps 10 to 10 + profile_num_steps (TensorBoard's profile tab); a step
+        # count alone, so short runs get their trace too.
         hooks.append(
-            periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_num_steps)
+            periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=config.profile_num_steps,
+                profile_duration_ms=None,
+            )
         )
 
     mean, std = input_pipeline.normalization(config)

@@ -67,6 +67,24 @@ def test_one_device_and_four_devices_take_the_same_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_half_precision_step_keeps_float32_state_and_a_close_loss():
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    losses = []
+    for half in (False, True):
+        config = tiny_config(half_precision=half)
+        model = create_model(config.model, 5, config.half_precision)
+        lr_fn = train.create_learning_rate_fn(config, 10, 100)
+        tx = train.create_optimizer(config, lr_fn)
+        state = train.create_train_state(config, model, tx, mesh)
+        p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+        state, step_metrics = p_train_step(state, sharding.global_batch(random_batch(), mesh))
+        for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
+            assert leaf.dtype in (jnp.float32, jnp.int32)  # The int32 is optax's step count.
+        losses.append(float(step_metrics.compute()["loss"]))
+    assert losses[0] != losses[1]  # bfloat16 did change the arithmetic...
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)  # ...not the result.
+
+
 def test_batch_norm_statistics_are_over_the_global_batch():
     config = tiny_config()
     mesh = sharding.make_mesh()
@@ -215,7 +233,7 @@ def scalars(workdir, tag):
 def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
     workdir = tmp_path / "run"
     result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
-                      f"--config.data_dir={toy_folder}")  # fmt: skip
+                      f"--config.data_dir={toy_folder}", "--config.profile_num_steps=3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((workdir / "eval_results.json").read_text())
     assert results["num_examples"] == 3 * 21
@@ -225,6 +243,8 @@ def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
     assert [step for step, _ in losses] == [25, 50, 75, 100, 125, 150]
     assert losses[-1][1] < 0.5 * losses[0][1]
     assert [step for step, _ in scalars(workdir, "eval_top1")] == [75, 150]
+    assert scalars(workdir, "steps_per_sec")  # clu's ReportProgress.
+    assert list(workdir.glob("plugins/profile/*/*.xplane.pb"))  # clu's Profile hook.
 
 
 def test_diverging_training_stops_naming_the_step(toy_folder, tmp_path):
