@@ -21,7 +21,9 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any, **kwargs) -> nn.BatchNorm:
+def _batch_norm(
+    train: bool, momentum: float, epsilon: float, dtype: Any, **kwargs: Any
+) -> nn.BatchNorm:
     # Statistics are reduced in float32 and stored in float32 (flax does both by default
     # for bfloat16 inputs); only the normalised output is in `dtype`.
     return nn.BatchNorm(
@@ -34,8 +36,8 @@ def _batch_norm(train: bool, momentum: float, epsilon: float, dtype: Any, **kwar
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions; the residual branch of resnet18/34 and the CIFAR nets."""
+class _Block(nn.Module):
+    """What the two residual blocks share: settings, layer makers and the shortcut."""
 
     filters: int
     strides: int = 1
@@ -48,85 +50,68 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
+    def conv(self, features: int, size: int, strides: int, name: str) -> nn.Conv:
+        # Explicit symmetric padding, as PyTorch pads: "SAME" would pad a stride-2 conv
+        # on the bottom/right only, and imported weights would see shifted inputs.
+        padding = ((size // 2, size // 2),) * 2
+        return nn.Conv(
+            features, (size, size), strides, padding=padding, use_bias=False,
+            kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        )  # fmt: skip
+
+    def norm(self, train: bool, name: str, last: bool = False) -> nn.BatchNorm:
+        # Zero-init only where a shortcut carries the signal past the branch.
+        zero = last and self.zero_init_residual and not self.plain
+        return _batch_norm(
+            train, self.bn_momentum, self.bn_epsilon, self.dtype, name=name,
+            scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
+        )  # fmt: skip
+
+    def merge(self, branch: jnp.ndarray, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """relu(branch + shortcut(x)), or relu(branch) in a plain net."""
+        if self.plain:
+            return nn.relu(branch)
+        out_channels, in_channels = branch.shape[-1], x.shape[-1]
+        if self.strides == 1 and in_channels == out_channels:
+            return nn.relu(branch + x)
+        if self.shortcut == "A":
+            # Option A: no parameters. Subsample spatially, pad the new channels with
+            # zeros on both sides (as the PyTorch CIFAR ResNets do, so weights carry over).
+            x = x[:, :: self.strides, :: self.strides, :]
+            extra = out_channels - in_channels
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        else:
+            x = self.conv(out_channels, 1, self.strides, "downsample_conv")(x)
+            x = self.norm(train, "downsample_bn")(x)
+        return nn.relu(branch + x)
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions; the residual branch of resnet18/34 and the CIFAR nets."""
+
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = dict(
-            train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype
-        )
-        conv = dict(
-            use_bias=False, kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32
-        )
-        y = nn.Conv(
-            self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1", **conv
-        )(x)
-        y = nn.relu(_batch_norm(name="bn1", **norm)(y))
-        y = nn.Conv(self.filters, (3, 3), 1, padding=((1, 1), (1, 1)), name="conv2", **conv)(y)
-        last_scale = (
-            nn.initializers.zeros
-            if self.zero_init_residual and not self.plain
-            else nn.initializers.ones
-        )
-        y = _batch_norm(name="bn2", scale_init=last_scale, **norm)(y)
-        if not self.plain:
-            y = y + _shortcut(self, x, self.filters * self.expansion, norm, conv)
-        return nn.relu(y)
+        y = self.conv(self.filters, 3, self.strides, "conv1")(x)
+        y = nn.relu(self.norm(train, "bn1")(y))
+        y = self.conv(self.filters, 3, 1, "conv2")(y)
+        y = self.norm(train, "bn2", last=True)(y)
+        return self.merge(y, x, train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 reduce, 3x3 (strided, v1.5), 1x1 expand x4; the residual branch of resnet50/101/152."""
-
-    filters: int
-    strides: int = 1
-    shortcut: str = "B"
-    plain: bool = False
-    zero_init_residual: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = dict(
-            train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype
-        )
-        conv = dict(
-            use_bias=False, kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32
-        )
-        y = nn.Conv(self.filters, (1, 1), name="conv1", **conv)(x)
-        y = nn.relu(_batch_norm(name="bn1", **norm)(y))
-        y = nn.Conv(
-            self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv2", **conv
-        )(y)
-        y = nn.relu(_batch_norm(name="bn2", **norm)(y))
-        y = nn.Conv(self.filters * self.expansion, (1, 1), name="conv3", **conv)(y)
-        last_scale = (
-            nn.initializers.zeros
-            if self.zero_init_residual and not self.plain
-            else nn.initializers.ones
-        )
-        y = _batch_norm(name="bn3", scale_init=last_scale, **norm)(y)
-        if not self.plain:
-            y = y + _shortcut(self, x, self.filters * self.expansion, norm, conv)
-        return nn.relu(y)
-
-
-def _shortcut(
-    block: nn.Module, x: jnp.ndarray, out_channels: int, norm: dict, conv: dict
-) -> jnp.ndarray:
-    """The identity, or what makes `x` match the branch's shape (called inside `block`)."""
-    in_channels = x.shape[-1]
-    if block.strides == 1 and in_channels == out_channels:
-        return x
-    if block.shortcut == "A":
-        # Option A: no parameters. Subsample spatially, pad the new channels with zeros
-        # on both sides (as the PyTorch CIFAR ResNets do, so their weights carry over).
-        x = x[:, :: block.strides, :: block.strides, :]
-        extra = out_channels - in_channels
-        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    x = nn.Conv(out_channels, (1, 1), block.strides, name="downsample_conv", **conv)(x)
-    return _batch_norm(name="downsample_bn", **norm)(x)
+        y = self.conv(self.filters, 1, 1, "conv1")(x)
+        y = nn.relu(self.norm(train, "bn1")(y))
+        y = self.conv(self.filters, 3, self.strides, "conv2")(y)
+        y = nn.relu(self.norm(train, "bn2")(y))
+        y = self.conv(self.filters * self.expansion, 1, 1, "conv3")(y)
+        y = self.norm(train, "bn3", last=True)(y)
+        return self.merge(y, x, train)
 
 
 class ResNet(nn.Module):
