@@ -47,7 +47,8 @@ def fingerprint(tree: Any) -> str:
     """SHA-256 over every array's path, dtype, shape and bytes."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        value = np.asarray(jax.device_get(leaf))
+        # Replicated arrays: every process holds the whole value, even across hosts.
+        value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
         digest.update(f"{_path_name(path)}:{value.dtype}:{value.shape};".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
     return digest.hexdigest()

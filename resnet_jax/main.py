@@ -18,6 +18,16 @@ config_flags.DEFINE_config_file(
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "summary"], "What to do.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join the other processes of a multi-host run (jax.distributed.initialize). On TPU pod "
+    "slices, SLURM and Open MPI the peers are found automatically; elsewhere also give "
+    "--coordinator_address, --num_processes and --process_id.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --distributed.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --distributed.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --distributed.")
 flags.mark_flag_as_required("config")
 
 # Errors that mean bad input: reported as one clear line, not a traceback.
@@ -42,6 +52,8 @@ def main(argv: list[str]) -> None:
             return
         if not FLAGS.workdir:
             raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
+        if FLAGS.distributed:
+            _initialize_distributed()
         # TensorFlow only reads and prepares data; keep it off the accelerators JAX uses.
         import tensorflow as tf
 
@@ -55,6 +67,23 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    if jax.config.jax_platforms == "cpu" or FLAGS.coordinator_address:
+        # Cross-process collectives on CPU (local multi-process runs and tests) need gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    logging.info(
+        "Process %d of %d; %d local of %d devices.",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
