@@ -94,6 +94,19 @@ def test_cifar100_matches_archive(cifar, split, num):
     np.testing.assert_array_equal(positions, [int(i.decode().split("_")[1]) for i in ids])
 
 
+def test_prepared_dataset_is_reused_without_network_or_archive(cifar, monkeypatch, tmp_path):
+    config, _ = cifar
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a prepared dataset must not be prepared or downloaded again")
+
+    monkeypatch.setattr(input_pipeline.socket, "create_connection", must_not_run)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_run)
+    reused = make_config(data_dir=config.data_dir, manual_dir=str(tmp_path / "empty"))
+    split = input_pipeline.load_split(reused, "test", process_index=0, process_count=1)
+    assert split.num_examples == NUM_TEST and len(split.labels) == NUM_TEST
+
+
 def test_cifar100_process_shards_cover_split_once_in_order(cifar, train_split):
     config, _ = cifar
     shards = [
