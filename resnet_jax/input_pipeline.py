@@ -209,7 +209,8 @@ def load_split(
 # CIFAR through tensorflow-datasets.
 
 
-def _hide_accelerators_from_tensorflow() -> None:
+def hide_accelerators_from_tensorflow() -> None:
+    """Keeps TensorFlow (which only reads data here) off the GPUs that JAX uses."""
     import tensorflow as tf
 
     try:
@@ -286,7 +287,7 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
 def _load_tfds(
     config: Any, info: _DatasetInfo, split: str, process_index: int, process_count: int
 ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
-    _hide_accelerators_from_tensorflow()
+    hide_accelerators_from_tensorflow()
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
     if not builder.is_prepared():
         _prepare(builder, config, info)

@@ -54,10 +54,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
         if FLAGS.distributed:
             _initialize_distributed()
-        # TensorFlow only reads and prepares data; keep it off the accelerators JAX uses.
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
+        input_pipeline.hide_accelerators_from_tensorflow()
         from resnet_jax import train
 
         if FLAGS.mode == "train":
@@ -72,9 +69,9 @@ def main(argv: list[str]) -> None:
 def _initialize_distributed() -> None:
     import jax
 
-    if jax.config.jax_platforms == "cpu" or FLAGS.coordinator_address:
-        # Cross-process collectives on CPU (local multi-process runs and tests) need gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives of the CPU backend (local multi-process runs, tests) need
+    # gloo; the setting does not touch TPU or GPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
