@@ -395,19 +395,24 @@ def _read_image(path: pathlib.Path, image_size: int) -> np.ndarray:
         ) from e
 
 
-def _read_images(paths: list[pathlib.Path], image_size: int) -> np.ndarray:
-    out = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
-    if not paths:
-        return out
+def _fill_in_parallel(count: int, image_size: int, make: Any) -> np.ndarray:
+    """uint8 [count, size, size, 3] with row i = make(i), made on every core.
 
-    def read(i: int) -> None:
-        out[i] = _read_image(paths[i], image_size)
+    PIL releases the GIL while decoding and resizing, so threads use all cores.
+    """
+    out = np.zeros((count, image_size, image_size, 3), np.uint8)
 
-    # PIL releases the GIL while decoding and resizing, so threads use all cores.
+    def fill(i: int) -> None:
+        out[i] = make(i)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for _ in pool.map(read, range(len(paths))):
+        for _ in pool.map(fill, range(count)):
             pass
     return out
+
+
+def _read_images(paths: list[pathlib.Path], image_size: int) -> np.ndarray:
+    return _fill_in_parallel(len(paths), image_size, lambda i: _read_image(paths[i], image_size))
 
 
 def _load_image_folder(
@@ -443,18 +448,11 @@ def _load_image_folder(
 
 
 def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:
-    out = np.zeros((len(images), image_size, image_size, 3), np.uint8)
+    def resize(i: int) -> np.ndarray:
+        image = Image.fromarray(images[i])
+        return np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR))
 
-    def resize(i: int) -> None:
-        image = Image.fromarray(images[i]).resize(
-            (image_size, image_size), Image.Resampling.BILINEAR
-        )
-        out[i] = np.asarray(image)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for _ in pool.map(resize, range(len(images))):
-            pass
-    return out
+    return _fill_in_parallel(len(images), image_size, resize)
 
 
 # ----------------------------------------------------------------------------

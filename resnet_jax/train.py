@@ -215,6 +215,15 @@ def create_train_state(
     return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
 
 
+def compile_eval_step(mesh: jax.sharding.Mesh) -> Callable:
+    """The jitted eval step for `mesh` (batch sharded, state replicated)."""
+    return jax.jit(
+        eval_step,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
 def compile_steps(
     config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
 ) -> tuple[Callable, Callable]:
@@ -230,8 +239,7 @@ def compile_steps(
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batch), out_shardings=replicated)
-    return p_train_step, p_eval_step
+    return p_train_step, compile_eval_step(mesh)
 
 
 def evaluate(
@@ -526,8 +534,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         tx=None,
         opt_state=None,
     )
-    _, p_eval_step = compile_steps(config, optax.constant_schedule(0.0), mesh)
-    results = evaluate(p_eval_step, state, eval_split, config, mesh)
+    results = evaluate(compile_eval_step(mesh), state, eval_split, config, mesh)
     results.update(
         step=step,
         checkpoint=str(config.eval_checkpoint),
