@@ -4,8 +4,9 @@
         --config.dataset=image_folder --config.data_dir=PATH
 
 A ResNet-8 (the paper's CIFAR layout with n=1) at a quarter width: 4/8/16 filters,
-1,000-ish parameters. On a learnable toy folder it reaches >= 90% top-1 in 150 steps,
-about 20 s on 2 CPU cores including compilation (tests/test_train.py runs exactly this).
+4,887 parameters with 3 classes. On a learnable toy folder it reaches >= 90% top-1 in
+150 steps (tests/test_train.py runs exactly this and measured 100%), in about 35 s on
+2 CPU cores, most of it compilation.
 Not meant for CIFAR accuracy: use configs/resnet18.py.
 """
 

@@ -204,6 +204,22 @@ def test_evaluation_counts_every_example_exactly_once(cifar):
     assert results["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+def test_training_on_the_tfds_cifar100_split(cifar, tmp_path):
+    root, _ = cifar
+    config = tiny_config(
+        dataset="cifar100", image_size=32, crop_padding=4, batch_size=16, eval_batch_size=8,
+        num_train_steps=8, log_every_steps=4, eval_every_steps=8, checkpoint_every_steps=8,
+        data_dir=str(root / "data"), manual_dir=str(root / "manual"),
+    )  # fmt: skip
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    # 64 train images / batch 16 = 4 steps per epoch; all 37 test images evaluated.
+    assert results["step"] == 8 and results["num_examples"] == 37
+    written = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert written == results
+    assert set(written) >= {"top1", "top5", "loss", "num_examples", "step"}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == "cifar100"
+
+
 @pytest.fixture(scope="module")
 def toy_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
