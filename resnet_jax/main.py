@@ -5,12 +5,19 @@ checkpoint of DIR), summary (parameters and FLOPs of the configured model).
 """
 
 import json
+import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import checkpointing, config_checks, input_pipeline
+
+# Config files import each other (`from configs import default`); let them do so from any
+# working directory when the package runs from its checkout (pip install -e .).
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "configs" / "default.py").is_file() and str(_CHECKOUT) not in sys.path:
+    sys.path.append(str(_CHECKOUT))
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

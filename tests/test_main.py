@@ -71,3 +71,10 @@ def test_unknown_dataset_fails_fast():
     assert result.returncode == 1
     assert "Unknown dataset 'imagenet21k'" in result.stderr
     assert "cifar100" in result.stderr and "image_folder" in result.stderr
+
+
+def test_runs_from_any_working_directory(tmp_path):
+    result = run_main("--config", str(ROOT / "configs" / "paper_cifar10.py") + ":20",
+                      "--mode=summary", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["total_params"] == 269_722
