@@ -24,3 +24,16 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import pytest  # noqa: E402  (after the environment is set)
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory):
+    """A learnable image folder: three classes of distinct colours, 64 train / 21 test each."""
+    from data_fixtures import write_image_folder
+
+    root = tmp_path_factory.mktemp("toy")
+    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    write_image_folder(root, colors, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
+    return root

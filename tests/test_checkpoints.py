@@ -1,61 +1,35 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM, eval from a checkpoint, bad checkpoints."""
 
 import json
-import os
-import pathlib
 import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from data_fixtures import write_image_folder
+from helpers import MAIN, ROOT, main_environment, run_main, tiny_state
 
 from configs import smoke
 from resnet_jax import checkpointing, sharding, train
-from resnet_jax.models import create_model
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 STEPS, EVERY = 120, 40
 STEP_LINE = re.compile(r"\[(\d+)\] train_")
 
 
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_image_folder(root, COLORS, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
-    return root
-
-
-def main_command(workdir, toy_folder, *extra):
+def main_args(workdir, toy_folder, *extra):
     return [
-        sys.executable, "-m", "resnet_jax.main", "--config", "configs/smoke.py",
+        "--config", "configs/smoke.py",
         "--workdir", str(workdir), f"--config.data_dir={toy_folder}",
         f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
         "--config.eval_every_steps=60", "--config.log_every_steps=1", *extra,
     ]  # fmt: skip
 
 
-def environment(devices=4):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def run(command, devices=4):
-    result = subprocess.run(
-        command, cwd=ROOT, env=environment(devices), capture_output=True, text=True, timeout=600
-    )
-    return result
-
-
-def start_and_stop_at(command, workdir, min_step, stop_signal):
+def start_and_stop_at(args, workdir, min_step, stop_signal):
     """Starts a run and stops it with `stop_signal` between two checkpoints.
 
     The run is frozen (SIGSTOP) once it has logged `min_step`; if by then no checkpoint
@@ -64,7 +38,7 @@ def start_and_stop_at(command, workdir, min_step, stop_signal):
     Returns (the last step it logged before the signal, its stderr, its exit code).
     """
     process = subprocess.Popen(
-        command, cwd=ROOT, env=environment(), stderr=subprocess.PIPE, text=True
+        [*MAIN, *args], cwd=ROOT, env=main_environment(), stderr=subprocess.PIPE, text=True
     )
     last_logged, lines = 0, []
     for line in process.stderr:
@@ -117,21 +91,21 @@ def assert_bitwise_equal(a, b):
 def reference_run(toy_folder, tmp_path_factory):
     """An uninterrupted run on 4 simulated devices."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = run(main_command(workdir, toy_folder))
+    result = run_main(*main_args(workdir, toy_folder))
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "killed"
-    command = main_command(workdir, toy_folder)
-    last_logged, _, returncode = start_and_stop_at(command, workdir, 45, signal.SIGKILL)
+    args = main_args(workdir, toy_folder)
+    last_logged, _, returncode = start_and_stop_at(args, workdir, 45, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     assert not (workdir / "eval_results.json").exists()
     latest = max(saved_steps(workdir))
     # Killed between checkpoints: the steps after `latest` are lost and must be redone.
     assert latest in (40, 60, 80) and latest < last_logged < STEPS
-    resumed = run(command)
+    resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {latest}" in resumed.stderr
     assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
@@ -141,8 +115,8 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
 
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "preempted"
-    command = main_command(workdir, toy_folder)
-    last_logged, stderr, returncode = start_and_stop_at(command, workdir, 10, signal.SIGTERM)
+    args = main_args(workdir, toy_folder)
+    last_logged, stderr, returncode = start_and_stop_at(args, workdir, 10, signal.SIGTERM)
     assert returncode == 0, stderr[-3000:]
     match = re.search(
         r"SIGTERM received: saved a checkpoint at step (\d+) in (\S+) and stopped", stderr
@@ -151,7 +125,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_f
     stopped_at = int(match.group(1))
     assert last_logged <= stopped_at < STEPS
     assert stopped_at in saved_steps(workdir)
-    resumed = run(command)
+    resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
     assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
@@ -159,15 +133,15 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_f
 
 def test_rerunning_a_finished_run_trains_no_further(reference_run, toy_folder):
     before = final_arrays(reference_run)
-    again = run(main_command(reference_run, toy_folder))
+    again = run_main(*main_args(reference_run, toy_folder))
     assert again.returncode == 0, again.stderr[-3000:]
     assert saved_steps(reference_run)[-1] == STEPS
     assert_bitwise_equal(final_arrays(reference_run), before)
 
 
-def eval_command(workdir, toy_folder, *extra):
+def eval_args(workdir, toy_folder, *extra):
     return [
-        sys.executable, "-m", "resnet_jax.main", "--config", "configs/smoke.py", "--mode=eval",
+        "--config", "configs/smoke.py", "--mode=eval",
         "--workdir", str(workdir), f"--config.data_dir={toy_folder}", *extra,
     ]  # fmt: skip
 
@@ -178,7 +152,7 @@ def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_fold
     (workdir / "eval_results.json").unlink()
     for step in saved_steps(workdir):  # Evaluation must not need the optimizer state.
         shutil.rmtree(workdir / "checkpoints" / str(step) / "optimizer")
-    result = run(eval_command(workdir, toy_folder), devices=1)
+    result = run_main(*eval_args(workdir, toy_folder), devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     written = json.loads((workdir / "eval_results.json").read_text())
@@ -194,10 +168,10 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     shutil.copytree(reference_run, workdir)
     steps = saved_steps(workdir)
     assert steps == [60, 80, 120] or steps == [80, 120]  # The latest 2, plus the best if older.
-    result = run(eval_command(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
+    result = run_main(*eval_args(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == steps[0]
-    missing = run(eval_command(workdir, toy_folder, "--config.eval_checkpoint=7"))
+    missing = run_main(*eval_args(workdir, toy_folder, "--config.eval_checkpoint=7"))
     assert missing.returncode == 1
     assert f"No checkpoint step 7 in {workdir / 'checkpoints'}. Available steps: {steps}" in (
         missing.stderr
@@ -207,19 +181,10 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
 # In-process tests of the checkpoint module on a tiny state.
 
 
-def tiny_state(num_classes=3, name="resnet8"):
-    config = smoke.get_config()
-    config.model.name = name
-    mesh = sharding.make_mesh()
-    model = create_model(config.model, num_classes)
-    lr_fn = train.create_learning_rate_fn(config, 10, 100)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    return config, state
-
-
 @pytest.fixture(scope="module")
 def state_and_config():
-    config, state = tiny_state()
+    config = smoke.get_config()
+    state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
     return config, state
 
 
@@ -323,7 +288,7 @@ def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
 def test_resume_with_another_model_is_an_error_not_a_fallback(state_and_config, tmp_path):
     config, state = state_and_config
     manager = save_steps(tmp_path, config, state, [10])
-    _, other = tiny_state(num_classes=5)
+    other, _ = tiny_state(config, sharding.make_mesh(), num_classes=5)
     with pytest.raises(
         checkpointing.CheckpointError, match=r"fc/kernel: checkpoint \[16, 3\] vs model \[16, 5\]"
     ):

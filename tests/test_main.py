@@ -1,24 +1,8 @@
 """The command line: summary mode and bad input, through a real `python -m resnet_jax.main`."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(*args, cwd=ROOT, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.main", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from helpers import ROOT, run_main
 
 
 def summary(*args):

@@ -6,17 +6,11 @@ checkpoint then evaluates in a single process on one device.
 """
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
-import sys
 
 import pytest
-from data_fixtures import write_image_folder
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+from helpers import MAIN, ROOT, main_environment, run_main
 
 
 def free_port():
@@ -25,40 +19,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def environment(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_image_folder(root, COLORS, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
-    return root
-
-
 def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_path):
     workdir = tmp_path / "run"
     port = free_port()
+    args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
+            f"--config.data_dir={toy_folder}", "--distributed",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
     processes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "resnet_jax.main",
-                "--config",
-                "configs/smoke.py",
-                "--workdir",
-                str(workdir),
-                f"--config.data_dir={toy_folder}",
-                "--distributed",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],  # fmt: skip
+            [*MAIN, *args, f"--process_id={i}"],
             cwd=ROOT,
-            env=environment(2),
+            env=main_environment(2),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -76,11 +47,8 @@ def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_pa
     assert results["top1"] >= 0.9
     assert (workdir / "checkpoints" / "150" / "model").is_dir()
 
-    single = subprocess.run(
-        [sys.executable, "-m", "resnet_jax.main", "--config", "configs/smoke.py", "--mode=eval",
-         "--workdir", str(workdir), f"--config.data_dir={toy_folder}"],  # fmt: skip
-        cwd=ROOT, env=environment(1), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    single = run_main("--config", "configs/smoke.py", "--mode=eval", "--workdir", str(workdir),
+                      f"--config.data_dir={toy_folder}", devices=1)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     evaluated = json.loads(single.stdout.strip().splitlines()[-1])
     assert evaluated["step"] == 150 and evaluated["num_examples"] == 63

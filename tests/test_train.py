@@ -1,24 +1,18 @@
 """Train and evaluate: sharded steps, schedules, the optimizer and the end-to-end job."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from data_fixtures import prepare_cifar100, write_cifar100_archive, write_image_folder
+from data_fixtures import prepare_cifar100, write_cifar100_archive
+from helpers import run_main, tiny_state
 
 from configs import default, smoke
 from resnet_jax import config_checks, input_pipeline, sharding, train
 from resnet_jax.models import create_model
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def tiny_config(**overrides):
@@ -26,13 +20,6 @@ def tiny_config(**overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
-
-
-def tiny_state(config, mesh, num_classes=5):
-    model = create_model(config.model, num_classes)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    return state, lr_fn
 
 
 def random_batch(batch_size=8, size=16, num_classes=5, seed=0):
@@ -218,21 +205,6 @@ def test_training_on_the_tfds_cifar100_split(cifar, tmp_path):
     assert written == results
     assert set(written) >= {"top1", "top5", "loss", "num_examples", "step"}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == "cifar100"
-
-
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_image_folder(root, COLORS, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
-    return root
-
-
-def run_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.main", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 def scalars(workdir, tag):
