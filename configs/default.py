@@ -65,6 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.half_precision = False  # bfloat16 compute; params and BN statistics stay float32.
 
     config.seed = 0
+    # On GPUs, XLA picks non-deterministic kernels (atomics in reductions, autotuned
+    # convolutions) by default; True makes every step reproducible, so a resumed run ends
+    # bitwise equal to an uninterrupted one, as on CPU and TPU (which are deterministic
+    # anyway and ignore this). Costs GPU speed: turn it off for the last few percent.
+    config.deterministic = True
+    # A resume refuses a checkpoint whose learning-rate schedule differs from the config's
+    # (for example a larger num_train_steps re-stretching a cosine); True continues anyway.
+    config.allow_schedule_change = False
     config.log_every_steps = 100
     config.eval_every_steps = 1000  # Also evaluated at the end.
     config.checkpoint_every_steps = 1000  # Also saved at the end.

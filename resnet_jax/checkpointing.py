@@ -8,8 +8,12 @@ A step is written as three Orbax items under `WORKDIR/checkpoints/<step>/`:
 
 Orbax writes a step into a temporary folder and renames it when complete, so a save
 cut short (SIGKILL, preemption) never shows up as a step. A step whose files were
-damaged afterwards fails its fingerprint or its read: resuming moves it to
-`WORKDIR/corrupt_checkpoints/` with a warning and takes the step before it.
+damaged afterwards fails its fingerprint or its read. Resuming tries the steps newest
+first; once one is restored, the newer ones that failed are moved to
+`WORKDIR/corrupt_checkpoints/` with a warning (a read that fails while an older step of
+the same run reads fine is the step's own fault). If no step can be restored, or a step
+does not fit the configured model or optimizer, nothing is moved: the error says why.
+With several processes they agree on every decision (see `restore_for_resume`).
 
 The input pipeline is a pure function of (data, seed, step), so the step and the seed
 recorded here are the whole state of the data order and augmentation randomness.
@@ -36,7 +40,16 @@ class CheckpointError(ValueError):
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A step's files cannot be read back as they were written."""
+    """A step could not be read back as it was written.
+
+    `proven` is True when its files were read and differ from what was saved (a
+    fingerprint mismatch, incomplete metadata), False when reading itself failed: damaged
+    files, or a problem of this machine (permissions, the storage service).
+    """
+
+    def __init__(self, message: str, proven: bool):
+        super().__init__(message)
+        self.proven = proven
 
 
 def _path_name(path: tuple) -> str:
@@ -103,19 +116,32 @@ def save(
     manager: ocp.CheckpointManager,
     state: Any,
     config: ml_collections.ConfigDict,
-    data_position: dict[str, Any],
+    run_info: dict[str, Any],
     metrics: dict[str, float] | None = None,
 ) -> int:
-    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()`)."""
+    """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()`).
+
+    Args:
+      manager: the run's checkpoint manager.
+      state: the train state.
+      config: the run's config, stored with the step.
+      run_info: JSON-able facts about the run stored in the step's metadata under their
+        keys (the trainer stores "data", the input position, and "schedule").
+      metrics: the evaluation of this step, if any ("top1" picks the best step).
+
+    Returns:
+      The step saved.
+    """
     step = int(state.step)
     model, optimizer = model_tree(state), optimizer_tree(state)
     meta = {
+        **run_info,
         "step": step,
         "config": json.loads(config.to_json()),
-        "data": data_position,
         # Order and augmentation are drawn from (seed, step): that is the RNG state.
         "rng": {"seed": config.seed, "step": step},
         "shapes": shapes(model),
+        "optimizer_shapes": shapes(optimizer),
         "fingerprints": {"model": fingerprint(model), "optimizer": fingerprint(optimizer)},
     }
     manager.save(
@@ -135,36 +161,57 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
-    except Exception as e:  # Orbax raises many kinds of errors for damaged files.
+    except Exception as e:  # Orbax raises many kinds of errors for unreadable files.
         raise CorruptCheckpointError(
-            f"its metadata cannot be read ({type(e).__name__}: {e})"
+            f"its metadata cannot be read ({type(e).__name__}: {e})", proven=False
         ) from e
     if not isinstance(meta, dict) or "fingerprints" not in meta:
-        raise CorruptCheckpointError("its metadata is incomplete")
+        raise CorruptCheckpointError("its metadata is incomplete", proven=True)
     return meta
 
 
-def check_compatible(meta: dict[str, Any], expected: dict[str, list[int]], where: str) -> None:
-    """Raises CheckpointError naming every parameter whose presence or shape differs."""
-    saved = meta["shapes"]
+def check_compatible(
+    meta: dict[str, Any], expected: dict[str, list[int]], where: str, item: str = "model"
+) -> None:
+    """Raises CheckpointError naming every array of `item` whose presence or shape differs.
+
+    Args:
+      meta: the step's metadata.
+      expected: path -> shape of the arrays wanted (`shapes(...)` of a template).
+      where: names the step in the message.
+      item: "model" or "optimizer" (not checked for steps saved without its shapes).
+    """
+    saved = meta.get("shapes" if item == "model" else f"{item}_shapes")
+    if saved is None:
+        return
     problems = [
-        f"{name}: checkpoint {saved.get(name, 'missing')} vs model {expected.get(name, 'missing')}"
+        f"{name}: checkpoint {saved.get(name, 'missing')} vs {item} {expected.get(name, 'missing')}"
         for name in sorted(set(saved) | set(expected))
         if saved.get(name) != expected.get(name)
     ]
-    if problems:
-        config = meta.get("config", {})
+    if not problems:
+        return
+    config = meta.get("config", {})
+    listed = "\n  ".join(problems[:20]) + (
+        f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    )
+    if item == "model":
         model = config.get("model", {})
-        listed = "\n  ".join(problems[:20]) + (
-            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        written = (
+            f"model {model.get('name')!r} (num_classes={model.get('num_classes')}, dataset "
+            f"{config.get('dataset')!r})"
         )
-        raise CheckpointError(
-            f"{where} does not fit the configured model. It was written by model "
-            f"{model.get('name')!r} (num_classes={model.get('num_classes')}, dataset "
-            f"{config.get('dataset')!r}). Mismatching parameters:\n  {listed}\n"
-            "Use the checkpoint's model settings (see its config in the workdir's "
-            "config.json), or a new --workdir."
+        fix = "model settings"
+    else:
+        written = ", ".join(
+            f"{key}={config.get(key)}" for key in ("momentum", "nesterov", "weight_decay")
         )
+        fix = "optimizer settings"
+    raise CheckpointError(
+        f"{where} does not fit the configured {item}. It was written with {written}. "
+        f"Mismatching arrays:\n  {listed}\nUse the checkpoint's {fix} (see its config in "
+        "the workdir's config.json), or a new --workdir."
+    )
 
 
 def _abstract(tree: Any) -> Any:
@@ -198,54 +245,109 @@ def restore(
     check_compatible(meta, shapes(model_template), where)
     items = {"model": ocp.args.StandardRestore(_abstract(model_template))}
     if optimizer_template is not None:
+        check_compatible(meta, shapes(optimizer_template), where, item="optimizer")
         items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer_template))
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-        raise CorruptCheckpointError(f"its arrays cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # Orbax raises many kinds of errors for unreadable files.
+        raise CorruptCheckpointError(
+            f"its arrays cannot be read ({type(e).__name__}: {e})", proven=False
+        ) from e
     for name in items:
         if fingerprint(restored[name]) != meta["fingerprints"][name]:
-            raise CorruptCheckpointError(f"the {name} arrays differ from what was saved")
+            raise CorruptCheckpointError(
+                f"the {name} arrays differ from what was saved", proven=True
+            )
     optimizer = restored["optimizer"] if optimizer_template is not None else None
     return restored["model"], optimizer, meta
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path | None:
-    """Moves a bad step out of the manager's sight (nothing is deleted)."""
-    source = epath.Path(manager.directory) / str(step)
-    target = epath.Path(manager.directory).parent / CORRUPT_DIR / str(step)
-    if jax.process_index() == 0 and source.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.Path]:
+    """Moves bad steps out of the manager's sight (nothing is deleted); every process calls it.
+
+    Process 0 moves the folders; the others wait for it before they list the steps again.
+    """
+    root = epath.Path(manager.directory)
+    targets = []
+    for step in steps:
+        target = root.parent / CORRUPT_DIR / str(step)
         suffix = 0
         while target.exists():
             suffix += 1
             target = target.parent / f"{step}.{suffix}"
-        source.rename(target)
+        if jax.process_index() == 0 and (root / str(step)).exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (root / str(step)).rename(target)
+        targets.append(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("resnet_jax: corrupt checkpoints moved")
     manager.reload()
-    return target
+    return targets
+
+
+# Outcomes of trying a step, ordered by severity: all processes act on the worst one.
+_RESTORED, _UNREADABLE, _ALTERED, _UNUSABLE = range(4)
+
+
+def _agree(outcome: int) -> tuple[int, int]:
+    """The worst outcome over all processes, and the first process that had it."""
+    if jax.process_count() == 1:
+        return outcome, 0
+    from jax.experimental import multihost_utils
+
+    outcomes = np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)
+    return int(outcomes.max()), int(outcomes.argmax())
 
 
 def restore_for_resume(
     manager: ocp.CheckpointManager, state: Any
 ) -> tuple[Any, dict[str, Any] | None]:
-    """The newest readable step applied to `state`, or (state, None) if there is none.
+    """The newest step that every process can restore, applied to `state`.
 
-    A corrupt step is moved aside with a warning and the previous one is tried; a step
-    that does not fit the model is an error (resuming it would be wrong, not unlucky).
+    Steps are tried newest first. A step that does not fit the model or the optimizer is
+    an error (resuming it would be wrong, not unlucky). Once a step is restored, the newer
+    steps that failed to read are moved to `corrupt_checkpoints/` with a warning. If none
+    can be restored, nothing is moved and the error lists why each failed.
+
+    With several processes, each tries the same step, and they exchange their outcomes
+    (a compiled all-gather, run by every process in the same order), so all of them
+    resume from the same step, raise together, or move the same steps.
+
+    Returns:
+      (state, the step's metadata), or (state, None) if there is no checkpoint.
     """
     steps = sorted(manager.all_steps(), reverse=True)
+    failed: dict[int, str] = {}
     for step in steps:
+        outcome, error, restored = _UNUSABLE, None, None
         try:
-            model, optimizer, meta = restore(
-                manager, step, model_tree(state), optimizer_tree(state)
-            )
+            restored = restore(manager, step, model_tree(state), optimizer_tree(state))
+            outcome = _RESTORED
         except CorruptCheckpointError as e:
-            moved = _quarantine(manager, step)
-            logging.warning(
-                "Checkpoint step %d in %s is corrupt (%s). Moved it to %s; falling back "
-                "to the previous step.", step, manager.directory, e, moved,
-            )  # fmt: skip
+            outcome, error = (_ALTERED if e.proven else _UNREADABLE), e
+        except Exception as e:  # Reported below, once every process knows.
+            error = e
+        worst, process = _agree(outcome)
+        if worst == _UNUSABLE:
+            if outcome == _UNUSABLE:
+                raise error
+            raise CheckpointError(
+                f"Process {process} could not use checkpoint step {step} in "
+                f"{manager.directory}; its log says why."
+            )
+        if worst != _RESTORED:
+            failed[step] = str(error) if error else f"process {process} could not read it"
             continue
+        model, optimizer, meta = restored
+        if failed:
+            moved = _quarantine(manager, list(failed))
+            for (bad, why), target in zip(failed.items(), moved, strict=True):
+                logging.warning(
+                    "Checkpoint step %d in %s is corrupt (%s), while step %d reads fine: "
+                    "moved it to %s.", bad, manager.directory, why, step, target,
+                )  # fmt: skip
         state = state.replace(
             params=model["params"],
             batch_stats=model["batch_stats"],
@@ -254,11 +356,13 @@ def restore_for_resume(
         )
         logging.info("Resumed from checkpoint step %d in %s.", step, manager.directory)
         return state, meta
-    if steps:
+    if failed:
+        listed = "\n  ".join(f"step {step}: {why}" for step, why in failed.items())
         raise CheckpointError(
-            f"None of the checkpoints {steps} in {manager.directory} could be read; they "
-            f"were moved to {epath.Path(manager.directory).parent / CORRUPT_DIR}. Rerun to "
-            "start from scratch, or restore them from a backup."
+            f"No checkpoint in {manager.directory} could be restored:\n  {listed}\n"
+            "Nothing was moved or deleted. If the storage is reachable and these files are "
+            "damaged, restore them from a backup, or start from scratch with a new "
+            "--workdir (or after moving the checkpoints folder aside)."
         )
     return state, None
 

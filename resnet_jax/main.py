@@ -2,16 +2,30 @@
 
 Modes: train (default; resumes from DIR when it holds a checkpoint), eval (evaluate a
 checkpoint of DIR), summary (parameters and FLOPs of the configured model).
+
+Exit status: 0 when the job is done, 1 after an error (one line saying what to do),
+143 when a SIGTERM (preemption) stopped training after saving a checkpoint: rerun the
+same command to continue.
 """
 
+import faulthandler
 import json
+import logging as std_logging
+import os
 import pathlib
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow only prepares and reads data here. Keep its C++ INFO lines off the console,
+# including the notice that its oneDNN kernels are on: they only serve TensorFlow's own
+# float math, which this project does not use. Set before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from resnet_jax import checkpointing, config_checks, input_pipeline
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from resnet_jax import checkpointing, config_checks, input_pipeline  # noqa: E402
 
 # Config files import each other (`from configs import default`); let them do so from any
 # working directory when the package runs from its checkout (pip install -e .).
@@ -45,8 +59,64 @@ USER_ERRORS = (
     FloatingPointError,
 )
 
+# Where INFO lines come from that the console shows by default: ours and the metric
+# lines. Libraries' INFO lines (Orbax writes ~25 per checkpoint) need --verbosity=1.
+_SHOWN_INFO = (f"{os.sep}resnet_jax{os.sep}", f"{os.sep}clu{os.sep}metric_writers{os.sep}")
+
+
+class _QuietLibraries(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return (
+            record.levelno >= std_logging.WARNING
+            or FLAGS.verbosity >= 1
+            or any(part in record.pathname for part in _SHOWN_INFO)
+        )
+
+
+def _error_lines(error: BaseException) -> list[str]:
+    """The innermost message of `error` as stripped lines (ml_collections nests KeyErrors)."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    # str() of a KeyError is the repr of its message; every other error reads as it is.
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return [line.strip() for line in text.splitlines() if line.strip()] or [repr(error)]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with config problems reported as one line instead of a traceback."""
+    try:
+        rest = FLAGS(argv)
+        # The config file loads lazily, and a failure shows at the first use: make it here.
+        FLAGS.config.to_dict()
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nSee --help for the flags.")
+    except (AttributeError, KeyError) as e:
+        key, *hint = _error_lines(e)
+        sys.exit(
+            " ".join([f"error: no config key {key}.", *hint, "Every key, with its meaning, is in "
+                      "configs/default.py."])
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a config file that fails to load, for any reason.
+        sys.exit(
+            f"error: cannot load the config: {_error_lines(e)[-1]}. Check the --config path "
+            "(relative to the working directory) and the file, for example --config "
+            "configs/resnet18.py from the checkout."
+        )
+    return rest
+
+
+def _deterministic_gpu() -> None:
+    """Asks XLA for reproducible GPU kernels; read when jax starts its backends (not yet)."""
+    flag = "--xla_gpu_deterministic_ops=true"
+    current = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in current:
+        os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
+
 
 def main(argv: list[str]) -> None:
+    # `kill -USR1 PID` prints every thread's Python stack: what a stuck run is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config = FLAGS.config
@@ -59,17 +129,20 @@ def main(argv: list[str]) -> None:
             return
         if not FLAGS.workdir:
             raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
+        if config.deterministic:
+            _deterministic_gpu()
         if FLAGS.distributed:
             _initialize_distributed()
         input_pipeline.hide_accelerators_from_tensorflow()
         from resnet_jax import train
 
         if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
+            result = train.train_and_evaluate(config, FLAGS.workdir)
+            if result.get("preempted"):
+                sys.exit(train.PREEMPTED_EXIT_STATUS)
         else:
             print(json.dumps(train.evaluate_checkpoint(config, FLAGS.workdir)))
     except USER_ERRORS as e:
-        logging.error("%s", e)
         sys.exit(f"error: {e}")
 
 
@@ -79,6 +152,11 @@ def _initialize_distributed() -> None:
     # Cross-process collectives of the CPU backend (local multi-process runs, tests) need
     # gloo; the setting does not touch TPU or GPU collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Orbax's barriers between processes are XLA programs with collectives by default
+    # (sync_global_devices): programs of their own, launched beside the train step's,
+    # that processes can reach in different orders. Its other kind waits on the
+    # coordination service jax.distributed starts (no XLA program, and with a timeout).
+    FLAGS.experimental_orbax_use_distributed_barrier = True
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
@@ -91,4 +169,4 @@ def _initialize_distributed() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

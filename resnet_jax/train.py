@@ -3,6 +3,13 @@
 `train_step` and `eval_step` are module-level pure functions; `train_and_evaluate` binds
 the config into them with `functools.partial`, compiles them once with `jax.jit` over a
 mesh of every device (batch sharded, state replicated, state donated) and runs the loop.
+
+With several processes every operation on arrays that span them is a program that all
+processes must run in the same order. So the loop runs nothing eagerly on such arrays:
+each step merges its metrics into a running collection that it carries (as does each
+eval step), the host reads that collection with `jax.device_get` (a local copy of a
+replicated value, no communication), and one step finishes feeding the next, so at most
+one program with cross-process collectives is in flight at a time.
 """
 
 import functools
@@ -28,6 +35,10 @@ from resnet_jax import checkpointing, config_checks, input_pipeline, sharding
 from resnet_jax.models import create_model
 
 _NO_STEP = np.iinfo(np.int32).max
+# Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
+# for a process that SIGTERM ended. Schedulers read non-zero as "not finished": Kubernetes
+# (restartPolicy OnFailure), systemd (Restart=on-failure) and SLURM job scripts rerun it.
+PREEMPTED_EXIT_STATUS = 128 + int(signal.SIGTERM)
 
 
 class TrainState(train_state.TrainState):
@@ -52,6 +63,10 @@ class FirstNonFinite(metrics.Metric):
     def compute(self) -> jnp.ndarray:
         return self.step
 
+    @classmethod
+    def empty(cls) -> "FirstNonFinite":
+        return cls(step=jnp.array(_NO_STEP, jnp.int32))
+
 
 @flax.struct.dataclass
 class NumExamples(metrics.Metric):
@@ -68,6 +83,10 @@ class NumExamples(metrics.Metric):
 
     def compute(self) -> jnp.ndarray:
         return self.count
+
+    @classmethod
+    def empty(cls) -> "NumExamples":
+        return cls(count=jnp.array(0, jnp.int32))
 
 
 @flax.struct.dataclass
@@ -105,12 +124,16 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: flo
 
 def train_step(
     state: TrainState,
+    metrics: TrainMetrics,
     batch: dict[str, jnp.ndarray],
     *,
     learning_rate_fn: optax.Schedule,
     label_smoothing: float,
 ) -> tuple[TrainState, TrainMetrics]:
-    """One SGD step on a global batch; BatchNorm statistics are those of the whole batch."""
+    """One SGD step on a global batch; BatchNorm statistics are those of the whole batch.
+
+    Returns the new state and `metrics` merged with this step's.
+    """
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
@@ -132,21 +155,62 @@ def train_step(
         learning_rate=learning_rate_fn(state.step),
         step=state.step + 1,
     )
-    return new_state, step_metrics
+    return new_state, metrics.merge(step_metrics)
 
 
-def eval_step(state: TrainState, batch: dict[str, jnp.ndarray]) -> EvalMetrics:
-    """Metrics of one padded batch; examples with mask False count nowhere."""
+def eval_step(
+    state: TrainState, metrics: EvalMetrics, batch: dict[str, jnp.ndarray]
+) -> EvalMetrics:
+    """`metrics` merged with those of one padded batch; examples with mask False count nowhere."""
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
     top1, top5 = _accuracies(logits, batch["label"])
-    return EvalMetrics.single_from_model_output(
+    batch_metrics = EvalMetrics.single_from_model_output(
         loss=cross_entropy(logits, batch["label"]),
         top1=top1,
         top5=top5,
         mask=batch["mask"],
     )
+    return metrics.merge(batch_metrics)
+
+
+@functools.cache
+def _empty_metrics_fn(cls: type[metrics.Collection], mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(cls.empty, out_shardings=sharding.replicated(mesh))
+
+
+def empty_metrics(cls: type[metrics.Collection], mesh: jax.sharding.Mesh) -> Any:
+    """An empty `cls` collection replicated over `mesh`, made by a compiled program."""
+    return _empty_metrics_fn(cls, mesh)()
+
+
+def read_metrics(collection: metrics.Collection) -> dict[str, float | int]:
+    """Computes a replicated collection on this host: a local copy, no cross-process work."""
+    return {k: np.asarray(v).item() for k, v in jax.device_get(collection).compute().items()}
+
+
+def schedule_settings(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> dict[str, Any]:
+    """Everything that decides the learning rate at each step, in steps.
+
+    A checkpoint records it, so that a resume can tell whether the schedule changed.
+    """
+    settings = {
+        "lr_schedule": config.lr_schedule,
+        "learning_rate": config.learning_rate,
+        "warmup_steps": int(round(config.warmup_epochs * steps_per_epoch)),
+    }
+    if config.lr_schedule == "cosine":
+        settings["num_train_steps"] = num_train_steps
+    elif config.lr_schedule in ("multistep", "piecewise"):
+        if config.lr_schedule == "multistep":
+            boundaries = [int(s) for s in config.lr_decay_steps]
+        else:
+            boundaries = [int(round(e * steps_per_epoch)) for e in config.lr_decay_epochs]
+        settings.update(decay_steps=boundaries, decay_factor=config.lr_decay_factor)
+    return settings
 
 
 def create_learning_rate_fn(
@@ -155,22 +219,22 @@ def create_learning_rate_fn(
     """Linear warmup from 0 over `warmup_epochs`, then the configured schedule.
 
     Boundaries of "multistep" (steps) and "piecewise" (epochs) are absolute: they count
-    from the start of training, warmup included.
+    from the start of training, warmup included. One that falls inside the warmup scales
+    the rest of the warmup ramp too (the rate at step t is ramp(t) x decay(t)).
     """
-    base = config.learning_rate
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    settings = schedule_settings(config, steps_per_epoch, num_train_steps)
+    base, warmup = config.learning_rate, settings["warmup_steps"]
     if config.lr_schedule == "cosine":
         main = optax.cosine_decay_schedule(base, max(1, num_train_steps - warmup))
     elif config.lr_schedule == "constant":
         main = optax.constant_schedule(base)
     else:
-        if config.lr_schedule == "multistep":
-            boundaries = [int(s) for s in config.lr_decay_steps]
-        else:
-            boundaries = [int(round(e * steps_per_epoch)) for e in config.lr_decay_epochs]
-        main = optax.piecewise_constant_schedule(
-            base, {b - warmup: config.lr_decay_factor for b in boundaries if b > warmup}
+        decay = optax.piecewise_constant_schedule(
+            base, {b: settings["decay_factor"] for b in settings["decay_steps"]}
         )
+        if not warmup:
+            return decay
+        return lambda step: decay(step) * jnp.minimum(1.0, step / warmup)
     if not warmup:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
@@ -216,18 +280,20 @@ def create_train_state(
 
 
 def compile_eval_step(mesh: jax.sharding.Mesh) -> Callable:
-    """The jitted eval step for `mesh` (batch sharded, state replicated)."""
+    """The jitted eval step for `mesh` (batch sharded, state and metrics replicated)."""
+    replicated = sharding.replicated(mesh)
     return jax.jit(
         eval_step,
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
+        in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
+        out_shardings=replicated,
+        donate_argnums=1,
     )
 
 
 def compile_steps(
     config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
 ) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and eval step for `mesh`."""
+    """The jitted train step (state and metrics donated) and eval step for `mesh`."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     p_train_step = jax.jit(
         functools.partial(
@@ -235,9 +301,9 @@ def compile_steps(
             learning_rate_fn=learning_rate_fn,
             label_smoothing=config.label_smoothing,
         ),
-        in_shardings=(replicated, batch),
+        in_shardings=(replicated, replicated, batch),
         out_shardings=(replicated, replicated),
-        donate_argnums=0,
+        donate_argnums=(0, 1),
     )
     return p_train_step, compile_eval_step(mesh)
 
@@ -255,23 +321,17 @@ def evaluate(
         split.num_examples, split.process_count, local_batch
     )
     mean, std = input_pipeline.normalization(config)
-    totals = None
+    totals = empty_metrics(EvalMetrics, mesh)
     for batch in input_pipeline.eval_batches(
         split, per_process_batch_size=local_batch, num_batches=num_batches, mean=mean, std=std
     ):
-        batch_metrics = p_eval_step(state, sharding.global_batch(batch, mesh))
-        totals = batch_metrics if totals is None else totals.merge(batch_metrics)
-    values = totals.compute()
-    return {
-        "top1": float(values["top1"]),
-        "top5": float(values["top5"]),
-        "loss": float(values["loss"]),
-        "num_examples": int(values["num_examples"]),
-    }
+        totals = p_eval_step(state, totals, sharding.global_batch(batch, mesh))
+    values = read_metrics(totals)
+    return {k: values[k] for k in ("top1", "top5", "loss", "num_examples")}
 
 
-def _check_finite(values: dict[str, Any], last_step: int) -> None:
-    first = int(values["first_nonfinite_step"])
+def _check_finite(first: int, last_step: int) -> None:
+    """Raises FloatingPointError if `first` (a first non-finite step) names a step."""
     if first != _NO_STEP:
         raise FloatingPointError(
             f"Training diverged: the loss was not finite at step {first} (reported at step "
@@ -348,15 +408,43 @@ def _data_position(
     }
 
 
-def _resume(manager, state, data_position: dict[str, Any]) -> TrainState:
+def _resume(
+    manager, state, run_info: dict[str, Any], config: ml_collections.ConfigDict
+) -> TrainState:
     state, meta = checkpointing.restore_for_resume(manager, state)
-    if meta is not None and meta["data"] != data_position:
+    if meta is None:
+        return state
+    if meta["data"] != run_info["data"]:
         logging.warning(
             "The input settings differ from those of the checkpoint (%s, now %s): training "
             "continues from step %d, but not with the batches an uninterrupted run would see.",
-            meta["data"], data_position, meta["step"],
+            meta["data"], run_info["data"], meta["step"],
+        )  # fmt: skip
+    saved = meta.get("schedule", run_info["schedule"])
+    if saved != run_info["schedule"]:
+        changed = ", ".join(
+            f"{k}: {saved.get(k)} -> {run_info['schedule'].get(k)}"
+            for k in sorted(set(saved) | set(run_info["schedule"]))
+            if saved.get(k) != run_info["schedule"].get(k)
+        )
+        if not config.allow_schedule_change:
+            raise config_checks.ConfigError(
+                f"The learning-rate schedule differs from that of the checkpoint at step "
+                f"{meta['step']} in {manager.directory} ({changed}), so the rate would jump "
+                "there. Resume with the run's settings (its config.json), pass "
+                "--config.allow_schedule_change=True to continue on the new schedule, or "
+                "use a new --workdir."
+            )
+        logging.warning(
+            "Continuing from step %d on a changed learning-rate schedule (%s).",
+            meta["step"], changed,
         )  # fmt: skip
     return state
+
+
+def absolute_workdir(workdir: str | epath.Path) -> epath.Path:
+    """`workdir` as an absolute path (Orbax needs one); URLs such as gs://... stay as given."""
+    return epath.Path(workdir).expanduser().absolute()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -370,10 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The final evaluation (also written to `workdir/eval_results.json`), or
       {"preempted": True, "step": N} after a SIGTERM.
     """
-    workdir = epath.Path(workdir)
+    workdir = absolute_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()
+    # Both batch sizes are checked here, before any step: a bad eval batch size must not
+    # wait for the first evaluation, hours in, to fail.
     local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
+    sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     train_split = input_pipeline.load_split(config, "train")
     eval_split = input_pipeline.load_split(config, "test")
     num_classes = resolve_num_classes(config, train_split.num_classes)
@@ -388,8 +479,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_train_state(config, model, create_optimizer(config, learning_rate_fn), mesh)
     p_train_step, p_eval_step = compile_steps(config, learning_rate_fn, mesh)
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-    data_position = _data_position(config, train_split, local_batch, steps_per_epoch)
-    state = _resume(manager, state, data_position)
+    run_info = {
+        "data": _data_position(config, train_split, local_batch, steps_per_epoch),
+        "schedule": schedule_settings(config, steps_per_epoch, num_steps),
+    }
+    state = _resume(manager, state, run_info, config)
     start_step = int(state.step)
 
     logging.info(
@@ -429,23 +523,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             random_flip=config.random_flip,
         )
     )
-    train_metrics = None
+
+    def save(eval_results: dict[str, Any] | None = None) -> None:
+        # Never save a diverged state: check the steps not yet logged first.
+        first = jax.device_get(train_metrics.first_nonfinite_step.step)
+        _check_finite(int(first), int(state.step))
+        checkpointing.save(manager, state, config, run_info, eval_results)
+
+    train_metrics = empty_metrics(TrainMetrics, mesh)
     eval_results: dict[str, Any] = {}
     interval_start, interval_step = time.perf_counter(), start_step
     with _StopRequest() as stop_requested:
         for step in range(start_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = sharding.global_batch(next(batches), mesh)
-                state, step_metrics = p_train_step(state, batch)
-            train_metrics = (
-                step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-            )
+                state, train_metrics = p_train_step(state, train_metrics, batch)
             for hook in hooks:
                 hook(step)
             last = step == num_steps
             if step % config.log_every_steps == 0 or last:
-                values = train_metrics.compute()
-                _check_finite(values, step)
+                values = read_metrics(train_metrics)
+                _check_finite(values["first_nonfinite_step"], step)
                 elapsed = time.perf_counter() - interval_start
                 scalars = {
                     f"train_{k}": v for k, v in values.items() if k != "first_nonfinite_step"
@@ -454,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     (step - interval_step) * config.batch_size / elapsed
                 )
                 writer.write_scalars(step, scalars)
-                train_metrics = None
+                train_metrics = empty_metrics(TrainMetrics, mesh)
                 interval_start, interval_step = time.perf_counter(), step
             evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
@@ -464,19 +562,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Saving at each evaluation lets "keep the best by eval top-1" see every score.
             saved = step % config.checkpoint_every_steps == 0 or evaluated or last
             if saved:
-                if train_metrics is not None:
-                    _check_finite(train_metrics.compute(), step)  # Never save a diverged state.
-                checkpointing.save(
-                    manager, state, config, data_position, eval_results if evaluated else None
-                )
+                save(eval_results if evaluated else None)
             if not last and stop_requested(step):
                 if not saved:
-                    checkpointing.save(manager, state, config, data_position)
+                    save()
                 manager.wait_until_finished()
                 writer.flush()
                 logging.warning(
-                    "SIGTERM received: saved a checkpoint at step %d in %s and stopped. "
-                    "Rerun the same command to resume.", step, manager.directory,
+                    "SIGTERM received: saved a checkpoint at step %d in %s and stopped "
+                    "(exit status %d). Rerun the same command to resume.",
+                    step, manager.directory, PREEMPTED_EXIT_STATUS,
                 )  # fmt: skip
                 return {"preempted": True, "step": step}
     manager.wait_until_finished()
@@ -486,8 +581,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_results["step"] = int(state.step)
     eval_results.update(model=config.model.name, dataset=config.dataset)
     _write_json(workdir / "eval_results.json", eval_results)
-    logging.info("Final evaluation: %s", eval_results)
+    logging.info("Final evaluation: %s", _rounded(eval_results))
     return eval_results
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+
+
+EVALUATIONS_DIR = "evaluations"
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -497,9 +599,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     whatever the device count of the run that saved it.
 
     Returns:
-      top1, top5, loss, num_examples, step (also written to `workdir/eval_results.json`).
+      top1, top5, loss, num_examples, step, checkpoint, model, dataset; also written to
+      `workdir/evaluations/step_<step>.json`, one file per evaluated step, so that it
+      never replaces the training run's own `eval_results.json`.
     """
-    workdir = epath.Path(workdir)
+    workdir = absolute_workdir(workdir)
     if not (workdir / checkpointing.CHECKPOINT_DIR).exists():
         raise checkpointing.CheckpointError(
             f"No checkpoint in {workdir}: {workdir / checkpointing.CHECKPOINT_DIR} does not "
@@ -509,6 +613,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     manager = checkpointing.create_manager(workdir, read_only=True)
     step = checkpointing.select_step(manager, config.eval_checkpoint)
     mesh = sharding.make_mesh()
+    sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     eval_split = input_pipeline.load_split(config, "test")
     num_classes = resolve_num_classes(config, eval_split.num_classes)
     model = create_model(config.model, num_classes, config.half_precision)
@@ -541,6 +646,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         model=config.model.name,
         dataset=config.dataset,
     )
-    _write_json(workdir / "eval_results.json", results)
-    logging.info("Evaluation of checkpoint step %d: %s", step, results)
+    path = workdir / EVALUATIONS_DIR / f"step_{step}.json"
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, results)
+    logging.info(
+        "Evaluation of checkpoint step %d: %s (written to %s)", step, _rounded(results), path
+    )
     return results

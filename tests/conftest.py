@@ -37,3 +37,18 @@ def toy_folder(tmp_path_factory):
     colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
     write_image_folder(root, colors, num_train_per_class=64, num_test_per_class=21, size=16, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar(tmp_path_factory):
+    """tfds's cifar100 prepared from a 64-train, 37-test archive in the official format.
+
+    Returns (root, written): root/data is the tfds data_dir, root/manual the archive's
+    folder; written holds the archive's images and labels.
+    """
+    from data_fixtures import prepare_cifar100, write_cifar100_archive
+
+    root = tmp_path_factory.mktemp("cifar")
+    written = write_cifar100_archive(root / "manual", num_train=64, num_test=37, seed=3)
+    prepare_cifar100(root / "data", root / "manual")
+    return root, written

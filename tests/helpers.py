@@ -1,9 +1,14 @@
 """Helpers shared by the tests: running the real command line, a tiny train state."""
 
+import dataclasses
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 from resnet_jax import train
 from resnet_jax.models import create_model
@@ -26,6 +31,82 @@ def run_main(*args, devices=None, cwd=ROOT, timeout=600):
         [*MAIN, *args], cwd=cwd, env=main_environment(devices), capture_output=True,
         text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Finished:
+    """What one of `run_processes`'s processes did: its exit code and its output."""
+
+    returncode: int
+    output: str
+
+    def tail(self, chars=3000):
+        return self.output[-chars:]
+
+
+def run_processes(commands, *, env, cwd=ROOT, timeout):
+    """Runs `commands` at once; returns ([Finished, ...], timed_out).
+
+    Every process's stdout and stderr (merged) are drained concurrently, so none can
+    block on a full pipe while another is waited for. If they are not all done within
+    `timeout` seconds, each one still running gets SIGUSR1 (main.py dumps every
+    thread's Python stack on it), then all are killed with their process groups.
+    """
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for command in commands
+    ]
+    chunks = [[] for _ in processes]
+    readers = [
+        threading.Thread(target=lambda p=p, c=c: c.extend(p.stdout), daemon=True)
+        for p, c in zip(processes, chunks, strict=True)
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        if timed_out:
+            running = [p for p in processes if p.poll() is None]
+            for process in running:
+                process.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for reader in readers:
+            reader.join(timeout=10)
+    finished = [Finished(p.returncode, "".join(c)) for p, c in zip(processes, chunks, strict=True)]
+    return finished, timed_out
+
+
+def distributed_commands(args, num_processes=2):
+    """`python -m resnet_jax.main ARGS --distributed` for each of `num_processes` on loopback."""
+    common = [*MAIN, *args, "--distributed", f"--coordinator_address=127.0.0.1:{free_port()}",
+              f"--num_processes={num_processes}"]  # fmt: skip
+    return [[*common, f"--process_id={i}"] for i in range(num_processes)]
 
 
 def tiny_state(config, mesh, num_classes=5):

@@ -14,7 +14,7 @@ import pytest
 from helpers import MAIN, ROOT, main_environment, run_main, tiny_state
 
 from configs import smoke
-from resnet_jax import checkpointing, sharding, train
+from resnet_jax import checkpointing, config_checks, sharding, train
 
 STEPS, EVERY = 120, 40
 STEP_LINE = re.compile(r"\[(\d+)\] train_")
@@ -93,7 +93,16 @@ def reference_run(toy_folder, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     result = run_main(*main_args(workdir, toy_folder))
     assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / "stderr.txt").write_text(result.stderr)
     return workdir
+
+
+def logged_eval_top1(workdir):
+    """step -> eval top-1 as the run logged it."""
+    lines = re.findall(
+        r"\[(\d+)\] eval_.*eval_top1=([0-9.e-]+)", (workdir / "stderr.txt").read_text()
+    )
+    return {int(step): float(top1) for step, top1 in lines}
 
 
 def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tmp_path):
@@ -117,7 +126,8 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_f
     workdir = tmp_path / "preempted"
     args = main_args(workdir, toy_folder)
     last_logged, stderr, returncode = start_and_stop_at(args, workdir, 10, signal.SIGTERM)
-    assert returncode == 0, stderr[-3000:]
+    # 128 + SIGTERM: "stopped, not finished" to schedulers that restart failed jobs.
+    assert returncode == 143, stderr[-3000:]
     match = re.search(
         r"SIGTERM received: saved a checkpoint at step (\d+) in (\S+) and stopped", stderr
     )
@@ -155,7 +165,7 @@ def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_fold
     result = run_main(*eval_args(workdir, toy_folder), devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
-    written = json.loads((workdir / "eval_results.json").read_text())
+    written = json.loads((workdir / "evaluations" / f"step_{STEPS}.json").read_text())
     assert printed == written
     reference = json.loads((reference_run / "eval_results.json").read_text())
     assert written["step"] == STEPS and written["num_examples"] == 63
@@ -167,10 +177,23 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(reference_run, workdir)
     steps = saved_steps(workdir)
-    assert steps == [60, 80, 120] or steps == [80, 120]  # The latest 2, plus the best if older.
+    # Saved: 40, 60 (evaluated), 80, 120 (evaluated). Kept: the latest 2, and the best by
+    # eval top-1 (on a tie the newer step is the best, as Orbax's BestN sorts stably).
+    top1 = logged_eval_top1(reference_run)
+    assert sorted(top1) == [60, 120]
+    assert steps == ([60, 80, 120] if top1[60] > top1[120] else [80, 120])
+    assert checkpointing.select_step(checkpointing.create_manager(workdir, read_only=True),
+                                     "best") == max((top1[s], s) for s in top1)[1]  # fmt: skip
+    final = (workdir / "eval_results.json").read_text()
     result = run_main(*eval_args(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == steps[0]
+    # Each evaluation is kept apart; the training run's final result is left as it was.
+    assert (
+        json.loads((workdir / "evaluations" / f"step_{steps[0]}.json").read_text())["step"]
+        == (steps[0])
+    )
+    assert (workdir / "eval_results.json").read_text() == final
     missing = run_main(*eval_args(workdir, toy_folder, "--config.eval_checkpoint=7"))
     assert missing.returncode == 1
     assert f"No checkpoint step 7 in {workdir / 'checkpoints'}. Available steps: {steps}" in (
@@ -196,7 +219,11 @@ def save_steps(workdir, config, state, steps, metrics=None, keep=3):
             params=jax.tree.map(lambda p, s=step: p + s, state.params),
         )
         checkpointing.save(
-            manager, state_at, config, {"seed": 0}, None if metrics is None else metrics[i]
+            manager,
+            state_at,
+            config,
+            {"data": {"seed": 0}},
+            None if metrics is None else metrics[i],
         )
     manager.wait_until_finished()
     return manager
@@ -238,15 +265,21 @@ def test_resume_skips_a_corrupt_latest_step_with_a_warning(state_and_config, tmp
     assert (tmp_path / "corrupt_checkpoints" / "20" / "model").is_dir()  # Kept, not deleted.
 
 
-def test_altered_arrays_fail_the_fingerprint(state_and_config, tmp_path):
+def test_readable_but_altered_arrays_fail_the_fingerprint(state_and_config, tmp_path):
     config, state = state_and_config
-    manager = save_steps(tmp_path, config, state, [10])
-    meta_path = next((tmp_path / "checkpoints" / "10" / "meta").glob("*"))
-    meta = json.loads(meta_path.read_text())
-    meta["fingerprints"]["model"] = "0" * 64
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(checkpointing.CorruptCheckpointError, match="model arrays differ"):
-        checkpointing.restore(manager, 10, checkpointing.model_tree(state))
+    manager = save_steps(tmp_path / "a", config, state, [10])
+    # Another run's step 10: arrays of the same shapes, other values, perfectly readable.
+    save_steps(
+        tmp_path / "b", config, state.replace(params=jax.tree.map(jnp.negative, state.params)), [10]
+    )
+    model_dir = tmp_path / "a" / "checkpoints" / "10" / "model"
+    shutil.rmtree(model_dir)
+    shutil.copytree(tmp_path / "b" / "checkpoints" / "10" / "model", model_dir)
+    altered = ocp.StandardCheckpointer().restore(model_dir)  # Readable...
+    assert not np.array_equal(altered["params"]["fc"]["bias"], state.params["fc"]["bias"] + 10)
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="model arrays differ") as e:
+        checkpointing.restore(manager, 10, checkpointing.model_tree(state))  # ...but refused.
+    assert e.value.proven
 
 
 def test_eval_of_a_corrupt_step_is_a_clear_error(state_and_config, tmp_path, toy_folder):
@@ -285,6 +318,38 @@ def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
         train.evaluate_checkpoint(config, str(tmp_path))
 
 
+def test_resume_with_another_optimizer_is_an_error_that_moves_nothing(state_and_config, tmp_path):
+    config, state = state_and_config
+    manager = save_steps(tmp_path, config, state, [10, 20])
+    no_momentum = config.copy_and_resolve_references()
+    no_momentum.momentum = 0.0
+    other, _ = tiny_state(no_momentum, sharding.make_mesh(), num_classes=3)
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"does not fit the configured optimizer. It was written with momentum=0.9.*"
+        r"opt_state.* vs optimizer missing",
+    ):
+        checkpointing.restore_for_resume(manager, other)
+    assert manager.all_steps() == [10, 20]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_when_no_step_can_be_read_nothing_is_moved(state_and_config, tmp_path):
+    config, state = state_and_config
+    save_steps(tmp_path, config, state, [10, 20])
+    for step in (10, 20):  # Both unreadable: nothing shows the fault is the steps' own.
+        corrupt_arrays(tmp_path / "checkpoints" / str(step))
+    manager = checkpointing.create_manager(tmp_path)
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match=r"(?s)No checkpoint in .* could be restored:.*step 20: its arrays cannot be read"
+        r".*step 10: .*Nothing was moved or deleted",
+    ):
+        checkpointing.restore_for_resume(manager, state)
+    assert manager.all_steps() == [10, 20]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
 def test_resume_with_another_model_is_an_error_not_a_fallback(state_and_config, tmp_path):
     config, state = state_and_config
     manager = save_steps(tmp_path, config, state, [10])
@@ -313,7 +378,28 @@ def test_a_checkpoint_holds_what_resuming_needs(reference_run):
     assert meta["config"]["model"]["name"] == "resnet8"
     assert meta["rng"] == {"seed": 0, "step": STEPS}
     assert meta["data"]["steps_per_epoch"] == 6 and meta["data"]["per_process_batch_size"] == 32
+    assert meta["schedule"] == {"lr_schedule": "cosine", "learning_rate": 0.1,
+                                "warmup_steps": 0, "num_train_steps": STEPS}  # fmt: skip
+    assert "opt_state/1/0/.trace/fc/kernel" in meta["optimizer_shapes"]
     arrays = final_arrays(reference_run)
     assert set(arrays["model"]) == {"params", "batch_stats"}
     assert int(arrays["optimizer"]["step"]) == STEPS
     assert jax.tree.leaves(arrays["optimizer"]["opt_state"])  # Momentum buffers.
+
+
+def test_a_resume_that_would_change_the_schedule_is_refused_unless_allowed(toy_folder, tmp_path):
+    config = smoke.get_config()
+    config.data_dir = str(toy_folder)
+    config.num_train_steps, config.eval_every_steps = 8, 8
+    train.train_and_evaluate(config, str(tmp_path))
+    longer = config.copy_and_resolve_references()
+    longer.num_train_steps = 16  # Would re-stretch the cosine from step 8 on.
+    with pytest.raises(
+        config_checks.ConfigError,
+        match=r"schedule differs .* at step 8 .*num_train_steps: 8 -> 16.*"
+        r"--config.allow_schedule_change=True",
+    ):
+        train.train_and_evaluate(longer, str(tmp_path))
+    assert saved_steps(tmp_path) == [8]
+    longer.allow_schedule_change = True
+    assert train.train_and_evaluate(longer, str(tmp_path))["step"] == 16

@@ -21,10 +21,15 @@ from resnet_jax.input_pipeline import DatasetError, DatasetSplit
 NUM_TRAIN, NUM_TEST = 250, 101
 BATCH = 32
 SPE = NUM_TRAIN // BATCH  # 7 steps per epoch, 26 examples dropped.
-MEAN, STD = (
-    np.asarray((0.5071, 0.4865, 0.4409), np.float32),
-    np.asarray((0.2673, 0.2564, 0.2762), np.float32),
-)
+# Per-channel statistics of each training set as published (CIFAR: over the 50,000
+# training images, std per pixel; ImageNet: torchvision's). The pipeline must map data
+# with these moments to mean 0 and std 1 in every channel, in RGB order.
+PUBLISHED = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "image_folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+MEAN, STD = (np.asarray(v, np.float32) for v in PUBLISHED["cifar100"])
 COLORS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
@@ -128,14 +133,25 @@ def test_cifar100_resized(cifar, train_split):
     np.testing.assert_array_equal(data.labels, train_split.labels[125:])
 
 
-def test_normalization_constants():
-    mean, std = input_pipeline.normalization(make_config(dataset="cifar100"))
-    np.testing.assert_array_equal(mean, MEAN)
-    np.testing.assert_array_equal(std, STD)
-    assert mean.dtype == std.dtype == np.float32
-    mean, std = input_pipeline.normalization(make_config(dataset="image_folder"))
-    np.testing.assert_allclose(mean, (0.485, 0.456, 0.406))
-    np.testing.assert_allclose(std, (0.229, 0.224, 0.225))
+@pytest.mark.parametrize("dataset", sorted(PUBLISHED))
+def test_batches_have_zero_mean_unit_std_on_data_with_the_published_moments(dataset):
+    mean, std = (np.asarray(v) for v in PUBLISHED[dataset])
+    # Half the pixels of each channel at mean - std, half at mean + std: exactly the
+    # published mean and std, up to the rounding to uint8.
+    sign = np.where(np.arange(8 * 32 * 32).reshape(8, 32, 32, 1) % 2, 1.0, -1.0)
+    images = np.round(255 * (mean + sign * std)).astype(np.uint8)
+    split = DatasetSplit(images, np.zeros(8, np.int32), 8, 10, tuple("abcdefghij"), 0, 1)
+    config_mean, config_std = input_pipeline.normalization(make_config(dataset=dataset))
+    assert config_mean.dtype == config_std.dtype == np.float32
+    (batch,) = input_pipeline.eval_batches(
+        split, per_process_batch_size=8, num_batches=1, mean=config_mean, std=config_std
+    )
+    channels = batch["image"].reshape(-1, 3)
+    np.testing.assert_allclose(channels.mean(0), 0.0, atol=0.01)
+    np.testing.assert_allclose(channels.std(0), 1.0, atol=0.01)
+
+
+def test_num_classes_of_the_built_in_datasets():
     assert input_pipeline.num_classes(make_config(dataset="cifar10")) == 10
 
 

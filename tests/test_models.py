@@ -239,9 +239,24 @@ def test_option_a_shortcut_zero_pads_new_channels():
     assert not block_out[..., :2].any() and not block_out[..., 6:].any()
 
 
-def test_registry_lists_every_family_and_its_plain_twin():
-    for depth in (18, 34, 50, 101, 152, 20, 32, 44, 56, 110, 1202):
-        assert f"resnet{depth}" in MODEL_NAMES and f"plain{depth}" in MODEL_NAMES
+def weighted_layers(params):
+    """Convolutions and dense layers on the main path (projection shortcuts not counted)."""
+    return sum(
+        1
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        if path[-1].key == "kernel" and not any("downsample" in str(k.key) for k in path)
+    )
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n[-4:] != "1202"])
+def test_every_registered_name_builds_a_net_of_its_depth(name):
+    # The paper counts depth as weighted layers: 3x3 stem + 2 (basic) or 3 (bottleneck)
+    # per block + fc. resnet1202's 19.4M parameters are pinned in another test.
+    depth = int(name.removeprefix("resnet").removeprefix("plain"))
+    params = shapes(name, 10, shortcut="B")["params"]
+    assert weighted_layers(params) == depth
+    has_projections = projection_params(params) > 0
+    assert has_projections == name.startswith("resnet")  # Plain twins have no shortcut.
 
 
 def test_any_6n_plus_2_depth_builds():

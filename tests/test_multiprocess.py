@@ -2,44 +2,38 @@
 
 jax.distributed over loopback with gloo collectives: each process reads its half of the
 data, the global batch spans both, Orbax saves collectively to one workdir, and the
-checkpoint then evaluates in a single process on one device.
+checkpoint then evaluates in a single process on one device. A rerun after the latest
+step is damaged makes both processes agree on the step to resume from.
+
+`tests/stress_multiprocess.py` runs many short runs like these on a loaded machine.
 """
 
 import json
-import socket
-import subprocess
 
 import pytest
-from helpers import MAIN, ROOT, main_environment, run_main
+from helpers import distributed_commands, main_environment, run_main, run_processes
+
+# Generous for a loaded 2-core machine (a run takes ~40 s there); a hang fails the test
+# with both processes' stacks (SIGUSR1) instead of blocking the suite.
+TIMEOUT = 420
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_two(args):
+    finished, timed_out = run_processes(
+        distributed_commands(args), env=main_environment(2), timeout=TIMEOUT
+    )
+    tails = "\n".join(f"--- process {i} ---\n{f.tail(40000)}" for i, f in enumerate(finished))
+    assert not timed_out, f"timed out after {TIMEOUT} s; both stopped and killed\n{tails}"
+    assert [f.returncode for f in finished] == [0, 0], tails
+    return [f.output for f in finished]
 
 
 def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_path):
     workdir = tmp_path / "run"
-    port = free_port()
     args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
-            f"--config.data_dir={toy_folder}", "--distributed",
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            [*MAIN, *args, f"--process_id={i}"],
-            cwd=ROOT,
-            env=main_environment(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for p, (_, err) in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    assert "global batch 32 over 4 devices in 2 processes" in outputs[0][1]
+            f"--config.data_dir={toy_folder}"]  # fmt: skip
+    outputs = run_two(args)
+    assert "global batch 32 over 4 devices in 2 processes" in outputs[0]
     results = json.loads((workdir / "eval_results.json").read_text())
     # 63 test images split 31/32 over the processes, each counted exactly once.
     assert results["num_examples"] == 63
@@ -54,3 +48,17 @@ def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_pa
     assert evaluated["step"] == 150 and evaluated["num_examples"] == 63
     assert evaluated["top1"] == results["top1"]
     assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-4)
+
+    # Damage the latest step: both processes must fall back to step 75 together, and
+    # process 0 alone moves step 150 aside, once.
+    for path in (workdir / "checkpoints" / "150" / "model").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage" * 10)
+    outputs = run_two(args)
+    for output in outputs:
+        assert "Resumed from checkpoint step 75" in output, output[-3000:]
+    assert [p.name for p in (workdir / "corrupt_checkpoints").iterdir()] == ["150"]
+    again = json.loads((workdir / "eval_results.json").read_text())
+    assert again["step"] == 150 and again["num_examples"] == 63
+    assert again["top1"] == results["top1"]
+    assert again["loss"] == pytest.approx(results["loss"], rel=1e-4)

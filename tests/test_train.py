@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from data_fixtures import prepare_cifar100, write_cifar100_archive
 from helpers import run_main, tiny_state
 
 from configs import default, smoke
@@ -41,8 +40,9 @@ def test_one_device_and_four_devices_take_the_same_step():
         losses = []
         for step in range(3):
             batch = sharding.global_batch(random_batch(seed=step), mesh)
-            state, step_metrics = p_train_step(state, batch)
-            losses.append(float(step_metrics.compute()["loss"]))
+            fresh = train.empty_metrics(train.TrainMetrics, mesh)
+            state, step_metrics = p_train_step(state, fresh, batch)
+            losses.append(train.read_metrics(step_metrics)["loss"])
         assert len(state.params["conv1"]["kernel"].sharding.device_set) == len(devices)
         results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
     (losses1, params1, stats1), (losses4, params4, stats4) = results
@@ -64,10 +64,13 @@ def test_half_precision_step_keeps_float32_state_and_a_close_loss():
         tx = train.create_optimizer(config, lr_fn)
         state = train.create_train_state(config, model, tx, mesh)
         p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-        state, step_metrics = p_train_step(state, sharding.global_batch(random_batch(), mesh))
+        fresh = train.empty_metrics(train.TrainMetrics, mesh)
+        state, step_metrics = p_train_step(
+            state, fresh, sharding.global_batch(random_batch(), mesh)
+        )
         for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
             assert leaf.dtype in (jnp.float32, jnp.int32)  # The int32 is optax's step count.
-        losses.append(float(step_metrics.compute()["loss"]))
+        losses.append(train.read_metrics(step_metrics)["loss"])
     assert losses[0] != losses[1]  # bfloat16 did change the arithmetic...
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # ...not the result.
 
@@ -85,7 +88,8 @@ def test_batch_norm_statistics_are_over_the_global_batch():
         batch["image"], train=True, mutable=["batch_stats"],
     )  # fmt: skip
     p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-    new_state, _ = p_train_step(state, sharding.global_batch(batch, mesh))  # Donates `state`.
+    fresh = train.empty_metrics(train.TrainMetrics, mesh)
+    new_state, _ = p_train_step(state, fresh, sharding.global_batch(batch, mesh))  # Donates.
     np.testing.assert_allclose(
         new_state.batch_stats["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"], rtol=1e-5
     )
@@ -125,6 +129,38 @@ def test_piecewise_schedule_counts_epochs_from_the_start_warmup_included():
     assert float(lr(500)) == pytest.approx(0.004)
 
 
+def test_a_decay_boundary_inside_the_warmup_scales_the_rest_of_it():
+    # 100 warmup steps; the first decay at step 50 (inside them), the second at 200.
+    lr = schedule(
+        lr_schedule="multistep", lr_decay_steps=(50, 200), lr_decay_factor=0.1, warmup_epochs=1.0
+    )
+    assert [float(lr(s)) for s in (0, 40, 50, 80, 100, 199, 200, 500)] == pytest.approx(
+        [0.0, 0.04, 0.005, 0.008, 0.01, 0.01, 0.001, 0.001]
+    )
+
+
+def test_the_metrics_carried_through_the_steps_are_those_of_every_step():
+    config = tiny_config()
+    mesh = sharding.make_mesh()
+    state, lr_fn = tiny_state(config, mesh)
+    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+    carried = train.empty_metrics(train.TrainMetrics, mesh)
+    separate = []
+    for step in range(3):
+        batch = sharding.global_batch(random_batch(seed=step), mesh)
+        fresh = train.empty_metrics(train.TrainMetrics, mesh)
+        # The same step twice from one state: once into the running collection, once alone.
+        _, alone = p_train_step(jax.tree.map(jnp.copy, state), fresh, batch)
+        separate.append(train.read_metrics(alone))
+        state, carried = p_train_step(state, carried, batch)
+    merged = train.read_metrics(carried)
+    assert merged["loss"] == pytest.approx(np.mean([m["loss"] for m in separate]), rel=1e-6)
+    assert merged["top1"] == pytest.approx(np.mean([m["top1"] for m in separate]), rel=1e-6)
+    assert merged["learning_rate"] == separate[-1]["learning_rate"]
+    assert merged["first_nonfinite_step"] == np.iinfo(np.int32).max
+    assert isinstance(merged["loss"], float)  # Plain Python numbers: they print short.
+
+
 def test_weight_decay_skips_batch_norm_and_biases_unless_asked():
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)},
               "fc": {"bias": jnp.ones(2)}}  # fmt: skip
@@ -157,14 +193,6 @@ def test_num_classes_smaller_than_the_dataset_is_rejected():
         config_checks.ConfigError, match=r"model.num_classes=3 but dataset .* has 10 classes"
     ):
         train.resolve_num_classes(config, 10)
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    written = write_cifar100_archive(root / "manual", num_train=64, num_test=37, seed=3)
-    prepare_cifar100(root / "data", root / "manual")
-    return root, written
 
 
 def test_evaluation_counts_every_example_exactly_once(cifar):
@@ -233,6 +261,27 @@ def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
     assert [step for step, _ in scalars(workdir, "eval_top1")] == [75, 150]
     assert scalars(workdir, "steps_per_sec")  # clu's ReportProgress.
     assert list(workdir.glob("plugins/profile/*/*.xplane.pb"))  # clu's Profile hook.
+
+
+def test_an_eval_batch_size_that_does_not_divide_fails_before_the_first_step(toy_folder, tmp_path):
+    config = tiny_config(eval_batch_size=6, data_dir=str(toy_folder))
+    with pytest.raises(
+        config_checks.ConfigError, match=r"eval_batch_size=6 is not divisible by the 4 devices"
+    ):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # Failed before any step.
+
+
+def test_diverged_steps_are_never_saved_even_at_a_sigterm(toy_folder, tmp_path, monkeypatch):
+    # Diverges within a few steps; the log comes too late (step 20), a SIGTERM asks for a
+    # save at step 10.
+    config = tiny_config(learning_rate=1e12, num_train_steps=20, log_every_steps=20,
+                         eval_every_steps=100, checkpoint_every_steps=100,
+                         data_dir=str(toy_folder))  # fmt: skip
+    monkeypatch.setattr(train._StopRequest, "__call__", lambda self, step: step >= 10)
+    with pytest.raises(FloatingPointError, match=r"not finite at step \d \(reported at step 10\)"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_diverging_training_stops_naming_the_step(toy_folder, tmp_path):
