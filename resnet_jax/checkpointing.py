@@ -201,16 +201,14 @@ def check_compatible(
             f"model {model.get('name')!r} (num_classes={model.get('num_classes')}, dataset "
             f"{config.get('dataset')!r})"
         )
-        fix = "model settings"
     else:
         written = ", ".join(
             f"{key}={config.get(key)}" for key in ("momentum", "nesterov", "weight_decay")
         )
-        fix = "optimizer settings"
     raise CheckpointError(
         f"{where} does not fit the configured {item}. It was written with {written}. "
-        f"Mismatching arrays:\n  {listed}\nUse the checkpoint's {fix} (see its config in "
-        "the workdir's config.json), or a new --workdir."
+        f"Mismatching arrays:\n  {listed}\nUse the checkpoint's {item} settings (see its "
+        "config in the workdir's config.json), or a new --workdir."
     )
 
 

@@ -35,6 +35,8 @@ from resnet_jax import checkpointing, config_checks, input_pipeline, sharding
 from resnet_jax.models import create_model
 
 _NO_STEP = np.iinfo(np.int32).max
+# --mode=eval writes WORKDIR/evaluations/step_<N>.json: one file per evaluated step.
+EVALUATIONS_DIR = "evaluations"
 # Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
 # for a process that SIGTERM ended. Schedulers read non-zero as "not finished": Kubernetes
 # (restartPolicy OnFailure), systemd (Restart=on-failure) and SLURM job scripts rerun it.
@@ -587,9 +589,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
-
-
-EVALUATIONS_DIR = "evaluations"
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The command line: summary mode and bad input, through a real `python -m resnet_jax.main`."""
 
 import json
+import os
 
 from helpers import ROOT, run_main
 
@@ -44,9 +45,38 @@ def test_bad_config_value_fails_fast_with_the_valid_choices():
     result = run_main("--config", "configs/resnet18.py", "--config.model.name=vgg16",
                       "--workdir", "/tmp/unused")  # fmt: skip
     assert result.returncode == 1
-    assert "Unknown model name 'vgg16'" in result.stderr
+    assert result.stderr.count("Unknown model name 'vgg16'") == 1  # Said once, not twice.
     assert "resnet18" in result.stderr and "plain56" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_misspelt_key_and_a_missing_config_file_are_one_line_each():
+    misspelt = run_main("--config", "configs/smoke.py", "--config.batchsize=64", "--mode=summary")
+    assert misspelt.returncode == 1
+    assert misspelt.stderr.strip().splitlines() == [
+        "error: no config key 'batchsize'. Did you mean \"batch_size\" instead of "
+        '"batchsize"? Every key, with its meaning, is in configs/default.py.'
+    ]
+    missing = run_main("--config", "configs/nope.py", "--mode=summary")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "error: cannot load the config: [Errno 2] No such file or directory: 'configs/nope.py'."
+        " Check the --config path (relative to the working directory) and the file, for "
+        "example --config configs/resnet18.py from the checkout."
+    ]
+
+
+def test_deterministic_gpu_kernels_are_asked_for_and_a_users_choice_is_kept(monkeypatch):
+    from resnet_jax import main
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    main._deterministic_gpu()
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
+    )
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+    main._deterministic_gpu()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
 
 
 def test_unknown_dataset_fails_fast():

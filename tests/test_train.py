@@ -1,6 +1,7 @@
 """Train and evaluate: sharded steps, schedules, the optimizer and the end-to-end job."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +252,14 @@ def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
     result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
                       f"--config.data_dir={toy_folder}", "--config.profile_num_steps=3")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # A quiet console: the run's lines and the metrics, printed short; no library chatter
+    # (Orbax alone wrote ~25 lines per checkpoint, 3 checkpoints here).
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 30, "\n".join(lines)
+    assert not [line for line in lines if "orbax" in line or "checkpoint_manager" in line]
+    assert re.search(r"\] train_examples_per_sec=[\d.e+-]+, train_learning_rate=", result.stderr)
+    for value in re.findall(r"train_(?:loss|top1)=([^,\s]+)", result.stderr):
+        assert len(value.replace(".", "").lstrip("0")) <= 7, value  # %g: 6 significant digits.
     results = json.loads((workdir / "eval_results.json").read_text())
     assert results["num_examples"] == 3 * 21
     assert results["step"] == 150
