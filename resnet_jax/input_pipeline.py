@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image, ImageOps
 
 DATASET_NAMES = ("cifar10", "cifar100", "image_folder")
@@ -244,9 +245,8 @@ def _can_reach(host: str, port: int = 443, timeout: float = 10.0) -> bool:
 
 def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
     manual_dir = config.manual_dir
-    effective_manual_dir = pathlib.Path(
-        manual_dir or builder.data_dir_root / "downloads" / "manual"
-    )
+    # epath, not pathlib: tfds data dirs (and so the default manual dir) may be gs:// URLs.
+    effective_manual_dir = epath.Path(manual_dir or builder.data_dir_root / "downloads" / "manual")
     have_archive = (effective_manual_dir / info.archive).is_file()
     behind_proxy = any(
         os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")

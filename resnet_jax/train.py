@@ -446,7 +446,9 @@ def _resume(
 
 def absolute_workdir(workdir: str | epath.Path) -> epath.Path:
     """`workdir` as an absolute path (Orbax needs one); URLs such as gs://... stay as given."""
-    return epath.Path(workdir).expanduser().absolute()
+    path = epath.Path(workdir).expanduser()
+    # epath's absolute() would prefix a gs:// path with the working directory.
+    return path if path.is_absolute() else path.absolute()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
