@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Folder holding the dataset archive for offline preparation (cifar-100-binary.tar.gz).
     config.manual_dir = config_dict.placeholder(str)
     config.image_size = 32
+    # How image files (image folders, predict) become image_size squares: 0 resizes the
+    # whole image (CIFAR-like data); N resizes the shorter side to N and takes the central
+    # crop (the ImageNet evaluation: 256, then 224 with image_size=224).
+    config.eval_resize_size = 0
     config.crop_padding = 4
     config.random_flip = True
 

@@ -103,6 +103,8 @@ def create_manager(
         best_mode="max",
         preservation_policy=None if read_only else policy,
         read_only=read_only,
+        # Nothing is saved through a read-only manager (Orbax warns unless this says so).
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
     )
     return ocp.CheckpointManager(
@@ -157,7 +159,12 @@ def save(
     return step
 
 
-def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The step's metadata (config, class names, shapes, fingerprints, ...).
+
+    Raises:
+      CorruptCheckpointError: it cannot be read, or lacks the fingerprints.
+    """
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = restored["meta"]
@@ -239,7 +246,7 @@ def restore(
       CorruptCheckpointError: the step cannot be read back as written.
     """
     where = f"Checkpoint step {step} in {manager.directory}"
-    meta = _read_meta(manager, step)
+    meta = read_meta(manager, step)
     check_compatible(meta, shapes(model_template), where)
     items = {"model": ocp.args.StandardRestore(_abstract(model_template))}
     if optimizer_template is not None:

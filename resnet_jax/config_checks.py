@@ -39,6 +39,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ):
         value = config[key]
         _require(value > 0, f"{key}={value} must be a positive integer.")
+    _require(
+        config.eval_resize_size == 0 or config.eval_resize_size >= config.image_size,
+        f"eval_resize_size={config.eval_resize_size} must be 0 (resize whole images) or at "
+        f"least image_size={config.image_size} (resize the shorter side, then centre-crop).",
+    )
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(
         config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),

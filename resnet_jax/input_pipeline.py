@@ -134,6 +134,17 @@ def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
 
 
+def preprocessing(config: Any) -> dict[str, Any]:
+    """What evaluation (and prediction) does to an image, as stored with a checkpoint."""
+    mean, std = normalization(config)
+    return {
+        "image_size": int(config.image_size),
+        "resize_size": int(config.get("eval_resize_size", 0)),
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+    }
+
+
 def _shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
     return (
         process_index * num_examples // process_count,
@@ -378,17 +389,54 @@ def _list_images(class_dir: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _read_image(path: pathlib.Path, image_size: int) -> np.ndarray:
+def _resize_and_crop(image: Image.Image, image_size: int, resize_size: int) -> Image.Image:
+    """The evaluation geometry: see `read_image`."""
+    if not resize_size:
+        if image.size != (image_size, image_size):
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return image
+    width, height = image.size
+    if min(width, height) != resize_size:
+        # The shorter side becomes resize_size; the longer one keeps the aspect ratio,
+        # truncated as torchvision's Resize(int) does.
+        if width <= height:
+            size = (resize_size, int(resize_size * height / width))
+        else:
+            size = (int(resize_size * width / height), resize_size)
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        width, height = image.size
+    # The central crop, rounded as torchvision's CenterCrop rounds.
+    left = int(round((width - image_size) / 2.0))
+    top = int(round((height - image_size) / 2.0))
+    return image.crop((left, top, left + image_size, top + image_size))
+
+
+def read_image(path: str | os.PathLike, image_size: int, resize_size: int = 0) -> np.ndarray:
+    """Decodes an image file as evaluation sees it: uint8 [image_size, image_size, 3] RGB.
+
+    Any mode (L, RGBA, P, CMYK, 16-bit, ...) is converted to RGB like torchvision's
+    loader does (alpha dropped, first frame of an animation), after the EXIF rotation.
+
+    Args:
+      path: the file.
+      image_size: side of the square result.
+      resize_size: 0 resizes the whole image to image_size x image_size (CIFAR-like data);
+        N > 0 resizes the shorter side to N (skipped when it is N already) and takes the
+        central image_size square: the ImageNet evaluation (256, then 224).
+
+    Raises:
+      DatasetError: the file cannot be read as an image (the message names it), or
+        0 < resize_size < image_size.
+    """
+    if 0 < resize_size < image_size:
+        raise DatasetError(
+            f"eval_resize_size={resize_size} must be 0 or at least image_size={image_size}."
+        )
     try:
         with Image.open(path) as image:
             # Camera JPEGs are often stored sideways with an EXIF rotation tag.
-            image = ImageOps.exif_transpose(image)
-            # Like torchvision's loader: any mode (L, RGBA, P, CMYK, ...) to RGB,
-            # dropping alpha; animated images give their first frame.
-            image = image.convert("RGB")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            return np.asarray(_resize_and_crop(image, image_size, resize_size), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(
             f"Cannot read image file {path} ({type(e).__name__}: {e}): remove or replace this file."
@@ -411,8 +459,10 @@ def _fill_in_parallel(count: int, image_size: int, make: Any) -> np.ndarray:
     return out
 
 
-def _read_images(paths: list[pathlib.Path], image_size: int) -> np.ndarray:
-    return _fill_in_parallel(len(paths), image_size, lambda i: _read_image(paths[i], image_size))
+def _read_images(paths: list[pathlib.Path], image_size: int, resize_size: int) -> np.ndarray:
+    return _fill_in_parallel(
+        len(paths), image_size, lambda i: read_image(paths[i], image_size, resize_size)
+    )
 
 
 def _load_image_folder(
@@ -442,7 +492,7 @@ def _load_image_folder(
     num_examples = len(paths)
     start, stop = _shard_bounds(num_examples, process_index, process_count)
     mine = order[start:stop]
-    images = _read_images([paths[i] for i in mine], image_size)
+    images = _read_images([paths[i] for i in mine], image_size, config.eval_resize_size)
     shard_labels = np.asarray(labels, dtype=np.int32)[mine]
     return images, shard_labels, num_examples, tuple(class_names)
 

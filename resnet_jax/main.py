@@ -10,22 +10,16 @@ same command to continue.
 
 import faulthandler
 import json
-import logging as std_logging
 import os
 import pathlib
 import signal
 import sys
 
-# TensorFlow only prepares and reads data here. Keep its C++ INFO lines off the console,
-# including the notice that its oneDNN kernels are on: they only serve TensorFlow's own
-# float math, which this project does not use. Set before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from resnet_jax import checkpointing, config_checks, input_pipeline  # noqa: E402
+# cli comes first: it sets TensorFlow's logging environment before anything imports it.
+from resnet_jax import cli, config_checks, input_pipeline
 
 # Config files import each other (`from configs import default`); let them do so from any
 # working directory when the package runs from its checkout (pip install -e .).
@@ -51,27 +45,6 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, with --distrib
 flags.DEFINE_integer("process_id", None, "This process's index, with --distributed.")
 flags.mark_flag_as_required("config")
 
-# Errors that mean bad input: reported as one clear line, not a traceback.
-USER_ERRORS = (
-    config_checks.ConfigError,
-    input_pipeline.DatasetError,
-    checkpointing.CheckpointError,
-    FloatingPointError,
-)
-
-# Where INFO lines come from that the console shows by default: ours and the metric
-# lines. Libraries' INFO lines (Orbax writes ~25 per checkpoint) need --verbosity=1.
-_SHOWN_INFO = (f"{os.sep}resnet_jax{os.sep}", f"{os.sep}clu{os.sep}metric_writers{os.sep}")
-
-
-class _QuietLibraries(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return (
-            record.levelno >= std_logging.WARNING
-            or FLAGS.verbosity >= 1
-            or any(part in record.pathname for part in _SHOWN_INFO)
-        )
-
 
 def _error_lines(error: BaseException) -> list[str]:
     """The innermost message of `error` as stripped lines (ml_collections nests KeyErrors)."""
@@ -89,6 +62,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
         # The config file loads lazily, and a failure shows at the first use: make it here.
         FLAGS.config.to_dict()
     except flags.Error as e:
+        if "Error whilst parsing config file" in str(e):
+            # A config file that takes an argument (file.py:ARG) is loaded while the
+            # flags are parsed; its error's last line says what is wrong.
+            sys.exit(f"error: cannot load the config: {_error_lines(e)[-1]}")
         sys.exit(f"error: {e}\nSee --help for the flags.")
     except (AttributeError, KeyError) as e:
         key, *hint = _error_lines(e)
@@ -116,34 +93,34 @@ def _deterministic_gpu() -> None:
 def main(argv: list[str]) -> None:
     # `kill -USR1 PID` prints every thread's Python stack: what a stuck run is waiting on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.quiet_libraries()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config = FLAGS.config
-    try:
-        config_checks.validate(config)
-        if FLAGS.mode == "summary":
-            from resnet_jax import summary
+    cli.exit_on_user_error(lambda: _run(FLAGS.config))
 
-            summary.print_summary(config)
-            return
-        if not FLAGS.workdir:
-            raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
-        if config.deterministic:
-            _deterministic_gpu()
-        if FLAGS.distributed:
-            _initialize_distributed()
-        input_pipeline.hide_accelerators_from_tensorflow()
-        from resnet_jax import train
 
-        if FLAGS.mode == "train":
-            result = train.train_and_evaluate(config, FLAGS.workdir)
-            if result.get("preempted"):
-                sys.exit(train.PREEMPTED_EXIT_STATUS)
-        else:
-            print(json.dumps(train.evaluate_checkpoint(config, FLAGS.workdir)))
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+def _run(config) -> None:
+    config_checks.validate(config)
+    if FLAGS.mode == "summary":
+        from resnet_jax import summary
+
+        summary.print_summary(config)
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
+    if config.deterministic:
+        _deterministic_gpu()
+    if FLAGS.distributed:
+        _initialize_distributed()
+    input_pipeline.hide_accelerators_from_tensorflow()
+    from resnet_jax import train
+
+    if FLAGS.mode == "train":
+        result = train.train_and_evaluate(config, FLAGS.workdir)
+        if result.get("preempted"):
+            sys.exit(train.PREEMPTED_EXIT_STATUS)
+    else:
+        print(json.dumps(train.evaluate_checkpoint(config, FLAGS.workdir)))
 
 
 def _initialize_distributed() -> None:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -416,7 +417,7 @@ def _resume(
     state, meta = checkpointing.restore_for_resume(manager, state)
     if meta is None:
         return state
-    if meta["data"] != run_info["data"]:
+    if meta.get("data") != run_info["data"]:
         logging.warning(
             "The input settings differ from those of the checkpoint (%s, now %s): training "
             "continues from step %d, but not with the batches an uninterrupted run would see.",
@@ -486,6 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run_info = {
         "data": _data_position(config, train_split, local_batch, steps_per_epoch),
         "schedule": schedule_settings(config, steps_per_epoch, num_steps),
+        # For predict: what each output means and how an image file becomes an input.
+        "class_names": list(train_split.class_names),
+        "preprocessing": input_pipeline.preprocessing(config),
     }
     state = _resume(manager, state, run_info, config)
     start_step = int(state.step)
@@ -593,6 +597,36 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
 
 
+def restore_model(
+    manager: Any,
+    step: int,
+    model: nn.Module,
+    image_size: int,
+    placement: jax.sharding.Sharding,
+    how_to_choose: str = "--config.eval_checkpoint=STEP",
+) -> dict[str, Any]:
+    """Reads the params and BN statistics of `step` for `model`, placed on `placement`.
+
+    Raises:
+      CheckpointError: the step does not fit the model, or is corrupt (the message
+        lists the other steps to try, and `how_to_choose` one).
+    """
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    template = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), template
+    )
+    try:
+        variables, _, _ = checkpointing.restore(manager, step, template)
+    except checkpointing.CorruptCheckpointError as e:
+        others = [s for s in manager.all_steps() if s != step]
+        raise checkpointing.CheckpointError(
+            f"Checkpoint step {step} in {manager.directory} is corrupt: {e}. Use another "
+            f"step with {how_to_choose} (available: {others})."
+        ) from e
+    return variables
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the checkpoint `config.eval_checkpoint` of `workdir` on the test split.
 
@@ -618,20 +652,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     eval_split = input_pipeline.load_split(config, "test")
     num_classes = resolve_num_classes(config, eval_split.num_classes)
     model = create_model(config.model, num_classes, config.half_precision)
-    image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
-    replicated = sharding.replicated(mesh)
-    template = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), template
-    )
-    try:
-        variables, _, _ = checkpointing.restore(manager, step, template)
-    except checkpointing.CorruptCheckpointError as e:
-        others = [s for s in manager.all_steps() if s != step]
-        raise checkpointing.CheckpointError(
-            f"Checkpoint step {step} in {manager.directory} is corrupt: {e}. Evaluate "
-            f"another step with --config.eval_checkpoint=STEP (available: {others})."
-        ) from e
+    variables = restore_model(manager, step, model, config.image_size, sharding.replicated(mesh))
     state = TrainState(
         step=step,
         apply_fn=model.apply,

@@ -293,7 +293,7 @@ def test_eval_of_a_corrupt_step_is_a_clear_error(state_and_config, tmp_path, toy
     config.data_dir = str(toy_folder)
     with pytest.raises(
         checkpointing.CheckpointError,
-        match=r"Checkpoint step 20 in .* is corrupt: .*--config.eval_checkpoint=STEP \(available: \[10\]\)",
+        match=r"Checkpoint step 20 in .* is corrupt: .*with --config.eval_checkpoint=STEP \(available: \[10\]\)",
     ):
         train.evaluate_checkpoint(config, str(tmp_path))
 

@@ -1,0 +1,61 @@
+"""What the commands (main, predict, import_torch) share: quiet logs and one-line errors.
+
+Import this module before anything that imports TensorFlow: it sets TensorFlow's
+logging environment, which is read once, at TensorFlow's import.
+"""
+
+import logging as std_logging
+import os
+import sys
+from collections.abc import Callable
+
+# TensorFlow only prepares and reads data here. Keep its C++ INFO lines off the console,
+# including the notice that its oneDNN kernels are on: they only serve TensorFlow's own
+# float math, which this project does not use.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import flags, logging  # noqa: E402
+
+from resnet_jax import checkpointing, config_checks, input_pipeline  # noqa: E402
+
+# Errors that mean bad input: reported as one clear line, not a traceback.
+USER_ERRORS = (
+    config_checks.ConfigError,
+    input_pipeline.DatasetError,
+    checkpointing.CheckpointError,
+    FloatingPointError,
+)
+
+# Where INFO lines come from that the console shows by default: ours and the metric
+# lines. Libraries' INFO lines (Orbax writes ~25 per checkpoint) need --verbosity=1.
+_SHOWN_INFO = (f"{os.sep}resnet_jax{os.sep}", f"{os.sep}clu{os.sep}metric_writers{os.sep}")
+# Warnings that only restate what the command asked for (Orbax, opening checkpoints to
+# read them).
+_NOISE = ("Given directory is read only",)
+
+
+class _QuietLibraries(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if flags.FLAGS.verbosity >= 1:
+            return True
+        if record.levelno == std_logging.WARNING and str(record.msg).startswith(_NOISE):
+            return False
+        return record.levelno >= std_logging.WARNING or any(
+            part in record.pathname for part in _SHOWN_INFO
+        )
+
+
+def quiet_libraries() -> None:
+    """Hides libraries' INFO log lines unless --verbosity=1 (call inside the absl main)."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def exit_on_user_error(
+    function: Callable[[], None], extra: tuple[type[Exception], ...] = ()
+) -> None:
+    """Runs `function`; a USER_ERRORS (or `extra`) exception exits 1 with an `error:` line."""
+    try:
+        function()
+    except (*USER_ERRORS, *extra) as e:
+        sys.exit(f"error: {e}")

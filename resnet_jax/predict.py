@@ -1,0 +1,233 @@
+"""Classify image files with a trained run.
+
+    python -m resnet_jax.predict --workdir runs/resnet18 photo.jpg more/photos/
+
+Each image is preprocessed as evaluation preprocesses it (the settings are read from the
+checkpoint, not from a config file): any size or colour mode is converted, then resized
+(and centre-cropped, for ImageNet-style runs) and normalised with the run's statistics.
+Prints the top-5 classes of each image with their probabilities, or with --json one
+object per line: {"path": ..., "top5": [{"label": 3, "class": "cat", "prob": 0.91}, ...]}.
+
+A file that cannot be read is reported (on stderr, and with --json as
+{"path": ..., "error": ...}) and the others are still classified; the exit status is then
+1. Folders given as arguments are searched for image files.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from absl import app, flags
+
+# cli comes first: it sets TensorFlow's logging environment before anything imports it.
+from resnet_jax import cli, input_pipeline  # isort: skip
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax import checkpointing, train
+from resnet_jax.models import create_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
+flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best or a step number.")
+flags.DEFINE_bool("json", False, "One JSON object per line per image.")
+flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+flags.mark_flag_as_required("workdir")
+
+TOP_K = 5
+
+
+class Classifier:
+    """A checkpoint's model with its preprocessing and class names, ready to classify."""
+
+    def __init__(self, workdir: str, which: str = "latest"):
+        workdir_path = train.absolute_workdir(workdir)
+        if not (workdir_path / checkpointing.CHECKPOINT_DIR).exists():
+            raise checkpointing.CheckpointError(
+                f"No checkpoint in {workdir_path}: point --workdir at a trained run (or one "
+                "made by resnet_jax.import_torch)."
+            )
+        manager = checkpointing.create_manager(workdir_path, read_only=True)
+        self.step = checkpointing.select_step(manager, which)
+        try:
+            meta = checkpointing.read_meta(manager, self.step)
+        except checkpointing.CorruptCheckpointError as e:
+            raise checkpointing.CheckpointError(
+                f"Checkpoint step {self.step} in {manager.directory} is unusable: {e}. "
+                f"Choose another with --checkpoint=STEP (available: {manager.all_steps()})."
+            ) from e
+        config = ml_collections.ConfigDict(meta["config"])
+        num_classes = meta["shapes"]["params/fc/bias"][0]
+        self.preprocessing = meta.get("preprocessing") or input_pipeline.preprocessing(config)
+        names = meta.get("class_names") or []
+        if len(names) != num_classes:
+            names = [f"class {i}" for i in range(num_classes)]
+        self.class_names = list(names)
+        model = create_model(config.model, num_classes, config.half_precision)
+        variables = train.restore_model(
+            manager,
+            self.step,
+            model,
+            self.preprocessing["image_size"],
+            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+            how_to_choose="--checkpoint=STEP",
+        )
+        mean = jnp.asarray(self.preprocessing["mean"], jnp.float32)
+        std = jnp.asarray(self.preprocessing["std"], jnp.float32)
+        k = min(TOP_K, num_classes)
+
+        @jax.jit
+        def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+            # The same arithmetic as the input pipeline's normalisation, on the device.
+            x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+            logits = model.apply(variables, x, train=False)
+            return jax.lax.top_k(jax.nn.softmax(logits), k)
+
+        self._top_k = top_k
+
+    def read(self, path: str | os.PathLike) -> np.ndarray:
+        """The image file as the model's input (uint8); DatasetError if it is unreadable."""
+        p = self.preprocessing
+        return input_pipeline.read_image(path, p["image_size"], p["resize_size"])
+
+    def classify(self, images: np.ndarray, batch_size: int) -> list[list[dict[str, Any]]]:
+        """The top classes of each uint8 image [N, H, W, 3], best first."""
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            # Every batch has the same shape, so the model compiles once.
+            padded = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
+            padded[: len(chunk)] = chunk
+            probs, labels = jax.device_get(self._top_k(padded))
+            for row_probs, row_labels in zip(
+                probs[: len(chunk)], labels[: len(chunk)], strict=True
+            ):
+                results.append(
+                    [
+                        {"label": int(label), "class": self.class_names[label], "prob": float(prob)}
+                        for prob, label in zip(row_probs, row_labels, strict=True)
+                    ]
+                )
+        return results
+
+
+def expand_paths(arguments: list[str]) -> list[pathlib.Path]:
+    """Files as given; folders replaced by the image files under them, sorted."""
+    paths = []
+    for argument in arguments:
+        path = pathlib.Path(argument)
+        if path.is_dir():
+            paths.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in input_pipeline.IMAGE_EXTENSIONS
+                )
+            )
+        else:
+            paths.append(path)
+    return paths
+
+
+class _Progress:
+    """A progress line on stderr: redrawn in place on a terminal, every ~10% otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.start, self.shown = total, time.monotonic(), 0
+        self.interactive = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if not self.interactive and done < self.total and done - self.shown < self.total / 10:
+            return
+        self.shown = done
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        line = (
+            f"predict: {done}/{self.total} images ({100 * done / self.total:.0f}%), "
+            f"{rate:.1f} images/s, {eta:.0f} s left"
+        )
+        end = "\n" if done == self.total or not self.interactive else ""
+        print(f"\r{line}" if self.interactive else line, end=end, file=sys.stderr, flush=True)
+
+
+def _read_chunk(
+    classifier: Classifier, paths: list[pathlib.Path], pool: concurrent.futures.Executor
+) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
+    def read(path: pathlib.Path) -> tuple[np.ndarray | None, str | None]:
+        try:
+            return classifier.read(path), None
+        except input_pipeline.DatasetError as e:
+            return None, str(e)
+
+    for path, (image, error) in zip(paths, pool.map(read, paths), strict=True):
+        yield path, image, error
+
+
+def predict_files(
+    classifier: Classifier, paths: list[pathlib.Path], batch_size: int, as_json: bool
+) -> int:
+    """Classifies `paths` in order, printing each result; returns how many failed."""
+    failed = 0
+    progress = _Progress(len(paths)) if len(paths) > batch_size else None
+    # PIL releases the GIL while decoding and resizing: threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = list(_read_chunk(classifier, paths[start : start + batch_size], pool))
+            good = [image for _, image, _ in chunk if image is not None]
+            tops = iter(classifier.classify(np.stack(good), batch_size) if good else [])
+            for path, image, error in chunk:
+                if image is None:
+                    failed += 1
+                    print(f"error: {error}", file=sys.stderr)
+                    if as_json:
+                        print(json.dumps({"path": str(path), "error": error}))
+                    continue
+                top = next(tops)
+                if as_json:
+                    print(json.dumps({"path": str(path), "top5": top}))
+                else:
+                    print(path)
+                    for entry in top:
+                        print(f"  {entry['prob']:.4f}  {entry['class']} ({entry['label']})")
+            sys.stdout.flush()
+            if progress:
+                progress.update(start + len(chunk))
+    return failed
+
+
+def main(argv: list[str]) -> None:
+    cli.quiet_libraries()
+    if len(argv) < 2:
+        raise app.UsageError("Give one or more image files (or folders) to classify.")
+    if FLAGS.checkpoint not in ("latest", "best") and not FLAGS.checkpoint.isdigit():
+        raise app.UsageError(
+            f"--checkpoint={FLAGS.checkpoint} must be latest, best or a step number."
+        )
+    if FLAGS.batch_size <= 0:
+        raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be positive.")
+    paths = expand_paths(argv[1:])
+    if not paths:
+        sys.exit(f"error: no image files in {' '.join(argv[1:])}.")
+    failed = 0
+
+    def run() -> None:
+        nonlocal failed
+        classifier = Classifier(FLAGS.workdir, FLAGS.checkpoint)
+        failed = predict_files(classifier, paths, FLAGS.batch_size, FLAGS.json)
+
+    cli.exit_on_user_error(run)
+    if failed:
+        sys.exit(f"error: {failed} of {len(paths)} files could not be classified (listed above).")
+
+
+if __name__ == "__main__":
+    app.run(main)
