@@ -1,4 +1,4 @@
-"""Every `python -m resnet_jax.main` command of the README, run as written.
+"""Every `python -m resnet_jax.{main,predict,import_torch}` command of the README, as written.
 
 Each runs from a fresh working directory that holds nothing but `configs/` (as a new
 user's checkout would, for the parts these commands read), so relative paths such as
@@ -10,9 +10,12 @@ format; everything the README wrote stays as it is.
 import json
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
-from helpers import ROOT, run_main
+from helpers import ROOT, main_environment, run_main
+from PIL import Image
 
 SHRINK = [
     "--config.model.name=resnet8", "--config.model.width_multiplier=0.25",
@@ -22,20 +25,22 @@ SHRINK = [
 ]  # fmt: skip
 
 
-def readme_commands():
-    """The README's `python -m resnet_jax.main` commands, continuation lines joined."""
+def readme_commands(module="main"):
+    """The README's `python -m resnet_jax.<module>` commands, continuation lines joined."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
             if line.startswith("python3 -m venv"):  # The set-up command ends in the job.
                 line = line.split("&& ")[-1]
-            if line.startswith("python -m resnet_jax.main"):
+            if line.startswith(f"python -m resnet_jax.{module} "):
                 commands.append(shlex.split(line)[3:])
     return commands
 
 
 COMMANDS = readme_commands()
+PREDICTS = readme_commands("predict")
+IMPORTS = readme_commands("import_torch")
 
 
 def test_the_readme_has_the_commands_this_file_runs():
@@ -43,6 +48,7 @@ def test_the_readme_has_the_commands_this_file_runs():
     assert "runs/resnet18" in workdirs and "runs/mine" in workdirs
     assert any("--mode=eval" in c for c in COMMANDS)
     assert any("--mode=summary" in c for c in COMMANDS)
+    assert len(PREDICTS) == 2 and len(IMPORTS) == 1
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +58,25 @@ def user_dir(tmp_path_factory):
     return folder
 
 
-def run_as_written(args, user_dir, *extra):
-    result = run_main(*args, *extra, cwd=user_dir)
+def run_as_written(args, user_dir, *extra, module="main"):
+    if module == "main":
+        result = run_main(*args, *extra, cwd=user_dir)
+    else:
+        result = subprocess.run(
+            [sys.executable, "-m", f"resnet_jax.{module}", *args, *extra], cwd=user_dir,
+            env=main_environment(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def evaluations(workdir_name):
+    """The README's --mode=eval commands of `workdir_name`: (with its config file, with its own)."""
+    found = [
+        c for c in COMMANDS if "--mode=eval" in c and c[c.index("--workdir") + 1] == workdir_name
+    ]
+    own = [c for c in found if any(a.startswith("configs/from_workdir.py:") for a in c)]
+    return [c for c in found if c not in own], own
 
 
 def test_summary_commands(user_dir):
@@ -64,8 +85,8 @@ def test_summary_commands(user_dir):
         assert json.loads(result.stdout.strip().splitlines()[-1])["total_params"] > 0
 
 
-def test_train_resume_and_evaluate_commands(user_dir, cifar, toy_folder):
-    root, _ = cifar
+def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder):
+    root, written = cifar
     cifar_data = [f"--config.data_dir={root / 'data'}"]
     trains = [c for c in COMMANDS if "--workdir" in c and "--mode=eval" not in c]
     first, *others = [c for c in trains if "runs/resnet18" in c]
@@ -80,14 +101,77 @@ def test_train_resume_and_evaluate_commands(user_dir, cifar, toy_folder):
     trained = json.loads((workdir / "eval_results.json").read_text())
     assert trained["step"] == 4 and trained["num_examples"] == 37
 
-    (evaluate,) = [c for c in COMMANDS if "--mode=eval" in c]
+    (evaluate,), (own_config,) = evaluations("runs/resnet18")
     result = run_as_written(evaluate, user_dir, *SHRINK, *cifar_data)
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluated["step"] == 4 and evaluated["num_examples"] == 37
     assert evaluated["top1"] == trained["top1"]
+    # With the run's own config.json: no settings repeated, the same result.
+    result = run_as_written(own_config, user_dir)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == evaluated
+
+    # predict, as written, on an image file of another size and mode.
+    (predict,) = [c for c in PREDICTS if c[c.index("--workdir") + 1] == "runs/resnet18"]
+    Image.new("L", (50, 40), 128).save(user_dir / "photo.jpg")
+    result = run_as_written(predict, user_dir, module="predict")
+    assert result.stdout.splitlines()[0] == "photo.jpg"
+    assert [line.split()[1] for line in result.stdout.splitlines()[1:]] == [
+        "fine_{:02d}".format(int(line.split("(")[-1].rstrip(")")))
+        for line in result.stdout.splitlines()[1:]
+    ] and len(result.stdout.splitlines()) == 6  # The top 5, named from tfds's metadata.
+
+    # Predict preprocesses as evaluation does: on the test split written as image files,
+    # its top-1 is right exactly as often as the evaluation found.
+    test = written["test"]
+    files = []
+    for i, image in enumerate(test["images"]):
+        files.append(user_dir / "test_images" / f"{i:02d}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(files[-1])
+    result = run_as_written(
+        ["--workdir", "runs/resnet18", "--json", "--batch_size=16", "test_images"], user_dir,
+        module="predict",
+    )  # fmt: skip
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [f"test_images/{i:02d}.png" for i in range(37)]
+    hits = sum(
+        line["top5"][0]["label"] == label
+        for line, label in zip(lines, test["fine_labels"], strict=True)
+    )
+    assert hits == round(trained["top1"] * 37)
 
     (folder,) = [c for c in trains if "image_folder" in " ".join(c)]
     folder = [arg.replace("PATH", str(toy_folder)) for arg in folder]
     run_as_written(folder, user_dir, *SHRINK, "--config.num_train_steps=4")
     mine = json.loads((user_dir / "runs" / "mine" / "eval_results.json").read_text())
     assert mine["num_examples"] == 63 and mine["step"] == 4
+
+
+def test_import_predict_and_evaluate_commands(user_dir, toy_folder):
+    """Import a torchvision-layout resnet18 (random weights), classify, evaluate: as written."""
+    import torch
+    import torch_models
+
+    (args,) = IMPORTS
+    state_dict = user_dir / args[args.index("--state_dict") + 1]
+    torch.save(
+        torch_models.ResNet(torch_models.BasicBlock, (2, 2, 2, 2), 1000).state_dict(), state_dict
+    )
+    names = user_dir / args[args.index("--class_names") + 1]
+    names.write_text("".join(f"imagenet class {i}\n" for i in range(1000)))
+    result = run_as_written(args, user_dir, module="import_torch")
+    assert "Imported 11,689,512 parameters of resnet18 (1000 classes)" in result.stdout
+    workdir = args[args.index("--workdir") + 1]
+
+    (predict,) = [c for c in PREDICTS if c[c.index("--workdir") + 1] == workdir]
+    Image.new("RGB", (300, 260), (200, 120, 40)).save(user_dir / "photo.jpg")
+    result = run_as_written(predict, user_dir, module="predict")
+    (line,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["path"] == "photo.jpg" and len(line["top5"]) == 5
+    assert line["top5"][0]["class"] == f"imagenet class {line['top5'][0]['label']}"
+
+    _, (evaluate,) = evaluations(workdir)
+    evaluate = [arg.replace("PATH", str(toy_folder)) for arg in evaluate]
+    result = run_as_written(evaluate, user_dir, "--config.eval_batch_size=8")
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert evaluated["num_examples"] == 63 and evaluated["step"] == 0

@@ -235,7 +235,9 @@ def test_a_mismatched_state_dict_is_listed_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
     # Same net, asked for as resnet50: its bottleneck keys are missing.
-    with pytest.raises(import_torch.ConversionError, match=r"(?s)missing from the file:.*layer1\.0\.conv3\.weight"):
+    with pytest.raises(
+        import_torch.ConversionError, match=r"(?s)missing from the file:.*layer1\.0\.conv3\.weight"
+    ):
         import_torch.import_state_dict("resnet50", str(tmp_path / "r34.pth"), str(tmp_path / "b"))
     assert not (tmp_path / "b" / "checkpoints").exists()
 
