@@ -30,9 +30,9 @@ USER_ERRORS = (
 # Where INFO lines come from that the console shows by default: ours and the metric
 # lines. Libraries' INFO lines (Orbax writes ~25 per checkpoint) need --verbosity=1.
 _SHOWN_INFO = (f"{os.sep}resnet_jax{os.sep}", f"{os.sep}clu{os.sep}metric_writers{os.sep}")
-# Warnings that only restate what the command asked for (Orbax, opening checkpoints to
-# read them).
-_NOISE = ("Given directory is read only",)
+# Orbax warnings that only restate what the command asked for: opening checkpoints to
+# read them, saving a step that has no evaluation to rank it by.
+_NOISE = ("Given directory is read only", "Requested `tracked_metric`; did not provide metrics")
 
 
 class _QuietLibraries(std_logging.Filter):

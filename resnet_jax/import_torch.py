@@ -299,11 +299,14 @@ def import_state_dict(
     template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
     variables = convert(tensors, template)
     tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
-    state = train.TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=tx,
+    # On the device, as training's initialisation makes it (the step an int32 array).
+    state = jax.device_put(
+        train.TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
     )
     digest = hashlib.sha256(pathlib.Path(state_dict_path).expanduser().read_bytes()).hexdigest()
     source = {

@@ -168,7 +168,8 @@ def load_split(
     `config.manual_dir`), and read from `config.data_dir` afterwards.
 
     Args:
-      config: Needs `dataset`, `data_dir`, `manual_dir` and `image_size`.
+      config: Needs `dataset`, `data_dir`, `manual_dir`, `image_size` and (for image
+        folders) `eval_resize_size`.
       split: "train" or "test".
       process_index: This process; defaults to `jax.process_index()`.
       process_count: Number of processes; defaults to `jax.process_count()`.

@@ -417,7 +417,9 @@ def _resume(
     state, meta = checkpointing.restore_for_resume(manager, state)
     if meta is None:
         return state
-    if meta.get("data") != run_info["data"]:
+    if "imported" in meta and meta["step"] == 0:
+        logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
+    elif meta.get("data") != run_info["data"]:
         logging.warning(
             "The input settings differ from those of the checkpoint (%s, now %s): training "
             "continues from step %d, but not with the batches an uninterrupted run would see.",

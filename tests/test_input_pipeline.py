@@ -14,8 +14,10 @@ from data_fixtures import (
     write_cifar100_archive,
     write_image_folder,
 )
+from PIL import Image
 
-from resnet_jax import input_pipeline
+from configs import default
+from resnet_jax import config_checks, input_pipeline
 from resnet_jax.input_pipeline import DatasetError, DatasetSplit
 
 NUM_TRAIN, NUM_TEST = 250, 101
@@ -34,7 +36,9 @@ COLORS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def make_config(**overrides):
-    values = dict(dataset="cifar100", data_dir=None, manual_dir=None, image_size=32)
+    values = dict(
+        dataset="cifar100", data_dir=None, manual_dir=None, image_size=32, eval_resize_size=0
+    )
     values.update(overrides)
     return ml_collections.ConfigDict(values)
 
@@ -480,3 +484,36 @@ def test_prefetch_yields_in_order_and_reraises():
     assert next(it) == 1 and next(it) == 2
     with pytest.raises(RuntimeError, match="producer broke"):
         next(it)
+
+
+def test_read_image_resize_then_centre_crop(tmp_path):
+    """eval_resize_size: the shorter side to N (kept when already N), then the centre crop."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(400, 256, 3), dtype=np.uint8)  # 256 wide, 400 high
+    Image.fromarray(pixels).save(tmp_path / "tall.png")
+    crop = input_pipeline.read_image(tmp_path / "tall.png", 224, resize_size=256)
+    # Already 256 on its shorter side: not resampled, the exact central pixels.
+    np.testing.assert_array_equal(crop, pixels[88:312, 16:240])
+
+    Image.fromarray(pixels).resize((300, 500)).save(tmp_path / "big.png")
+    crop = input_pipeline.read_image(tmp_path / "big.png", 224, resize_size=256)
+    resized = np.asarray(Image.open(tmp_path / "big.png").resize((256, 426), Image.BILINEAR))
+    np.testing.assert_array_equal(crop, resized[101:325, 16:240])  # round((426-224)/2) = 101
+
+    # 0: the whole image squeezed to the square, as CIFAR-like folders are read.
+    whole = input_pipeline.read_image(tmp_path / "big.png", 32)
+    assert whole.shape == (32, 32, 3)
+    with pytest.raises(input_pipeline.DatasetError, match="eval_resize_size=200 must be 0 or"):
+        input_pipeline.read_image(tmp_path / "big.png", 224, resize_size=200)
+
+
+def test_image_folder_with_eval_resize_size(image_folder):
+    config = make_config(
+        dataset="image_folder", data_dir=str(image_folder), image_size=24, eval_resize_size=28
+    )
+    test = input_pipeline.load_split(config, "test", process_index=0, process_count=1)
+    assert test.images.shape == (6, 24, 24, 3)
+    bad = default.get_config()
+    bad.image_size, bad.eval_resize_size = 24, 20
+    with pytest.raises(config_checks.ConfigError, match="eval_resize_size=20 must be 0"):
+        config_checks.validate(bad)

@@ -298,3 +298,18 @@ def test_imported_cifar_weights_evaluate_as_in_pytorch(cifar, tmp_path):
     correct = (logits.argmax(-1) == written["test"]["fine_labels"]).sum()
     assert evaluated["num_examples"] == 37
     assert round(evaluated["top1"] * 37) == correct
+
+
+def test_training_continues_from_imported_weights(toy_folder, tmp_path):
+    model = tm.ResNet(tm.BasicBlock, (1, 1, 1), 10, "cifar", (4, 8, 16), option_a=True)
+    path = save_state_dict(randomized(model, 3), tmp_path / "r8.pth")
+    import_torch.import_state_dict("resnet8", str(path), str(tmp_path / "run"))
+    result = run_main(
+        f"--config=configs/from_workdir.py:{tmp_path / 'run'}", f"--workdir={tmp_path / 'run'}",
+        "--config.dataset=image_folder", f"--config.data_dir={toy_folder}",
+        "--config.num_train_steps=2", "--config.batch_size=16", "--config.eval_batch_size=24",
+        "--config.profile_num_steps=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting from the weights imported from" in result.stderr
+    assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 2
