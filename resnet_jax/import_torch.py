@@ -40,23 +40,30 @@ from resnet_jax import checkpointing, config_checks, train
 from resnet_jax.models import create_model, model_constructor
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "model", None, "Model name of this project: resnet18 ... resnet152, resnet56, ..."
-)
-flags.DEFINE_string("state_dict", None, "PyTorch file holding the state_dict (.pth, .pt).")
-flags.DEFINE_string("workdir", None, "New run directory to write the checkpoint into.")
-flags.DEFINE_enum(
-    "dataset",
-    None,
-    ["imagenet", "cifar10", "cifar100"],
-    "Whose preprocessing the weights expect. Default: imagenet for a 7x7 stem; for a 3x3 "
-    "stem, cifar10 or cifar100 by the number of classes.",
-)
-flags.DEFINE_string("class_names", None, "Text file with one class name per line, in label order.")
-flags.DEFINE_string(
-    "data_dir", None, "tfds data_dir where CIFAR is prepared, to take its class names from."
-)
-flags.mark_flags_as_required(["model", "state_dict", "workdir"])
+
+
+def define_flags() -> None:
+    """Defines the command's flags, only when it runs: other commands share their names."""
+    flags.DEFINE_string(
+        "model", None, "Model name of this project: resnet18 ... resnet152, resnet56, ..."
+    )
+    flags.DEFINE_string("state_dict", None, "PyTorch file holding the state_dict (.pth, .pt).")
+    flags.DEFINE_string("workdir", None, "New run directory to write the checkpoint into.")
+    flags.DEFINE_enum(
+        "dataset",
+        None,
+        ["imagenet", "cifar10", "cifar100"],
+        "Whose preprocessing the weights expect. Default: imagenet for a 7x7 stem; for a 3x3 "
+        "stem, cifar10 or cifar100 by the number of classes.",
+    )
+    flags.DEFINE_string(
+        "class_names", None, "Text file with one class name per line, in label order."
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "tfds data_dir where CIFAR is prepared, to take its class names from."
+    )
+    flags.mark_flags_as_required(["model", "state_dict", "workdir"])
+
 
 # Containers in which training scripts commonly save the state_dict.
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -370,4 +377,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -36,11 +36,16 @@ from resnet_jax import checkpointing, train
 from resnet_jax.models import create_model
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
-flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best or a step number.")
-flags.DEFINE_bool("json", False, "One JSON object per line per image.")
-flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-flags.mark_flag_as_required("workdir")
+
+
+def define_flags() -> None:
+    """Defines the command's flags, only when it runs: other commands share their names."""
+    flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
+    flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best or a step number.")
+    flags.DEFINE_bool("json", False, "One JSON object per line per image.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.mark_flag_as_required("workdir")
+
 
 TOP_K = 5
 
@@ -230,4 +235,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
