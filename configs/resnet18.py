@@ -9,8 +9,8 @@ smoothing 0.1, pad-4 crop + flip. The comparable public result is 75.61% top-1
 (weiaicunzai/pytorch-cifar100, step schedule, best epoch picked on the test set); this
 recipe aims at >= 76% top-1 from the final checkpoint. Not yet measured by us end to end:
 record the number in docs/results.md when a run finishes.
-Time: 78,200 steps of 128 images. A 2-core CPU VM trains about 6 images/s (measured,
-docs/results.md): weeks, so use an accelerator. On one GPU or TPU chip expect well under
+Time: 78,200 steps of 128 images. A 2-core CPU VM trains about 20 images/s (measured,
+docs/benchmarks.md): almost a week, so use an accelerator. On one GPU or TPU chip expect well under
 2 hours (an estimate from the FLOPs, not measured).
 """
 

@@ -150,12 +150,13 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
 def test_import_predict_and_evaluate_commands(user_dir, toy_folder):
     """Import a torchvision-layout resnet18 (random weights), classify, evaluate: as written."""
     import torch
-    import torch_models
+
+    from resnet_jax import torch_resnet
 
     (args,) = IMPORTS
     state_dict = user_dir / args[args.index("--state_dict") + 1]
     torch.save(
-        torch_models.ResNet(torch_models.BasicBlock, (2, 2, 2, 2), 1000).state_dict(), state_dict
+        torch_resnet.ResNet(torch_resnet.BasicBlock, (2, 2, 2, 2), 1000).state_dict(), state_dict
     )
     names = user_dir / args[args.index("--class_names") + 1]
     names.write_text("".join(f"imagenet class {i}\n" for i in range(1000)))

@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import torch_models as tm
 from helpers import ROOT, main_environment, run_main
 from PIL import Image
 
 from resnet_jax import checkpointing, import_torch, train
+from resnet_jax import torch_resnet as tm
 from resnet_jax.models import create_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -313,3 +313,20 @@ def test_training_continues_from_imported_weights(toy_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting from the weights imported from" in result.stderr
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, stem, width, classes",
+    [("resnet18", "cifar", 1.0, 100), ("resnet50", "imagenet", 1.0, 1000),
+     ("resnet56", "cifar", 1.0, 10), ("resnet8", "cifar", 0.25, 3)],
+)  # fmt: skip
+def test_the_benchmarks_pytorch_twins_have_our_parameter_counts(name, stem, width, classes):
+    from configs import default
+
+    config = default.get_config().model
+    config.name, config.stem, config.width_multiplier = name, stem, width
+    model = create_model(config, classes)
+    image = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), image)["params"]
+    ours = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert sum(p.numel() for p in tm.from_config(config, classes).parameters()) == ours

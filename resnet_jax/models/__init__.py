@@ -29,6 +29,7 @@ TORCHVISION_DEPTHS = {
 PAPER_CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 STEMS = ("cifar", "imagenet")
 SHORTCUTS = ("A", "B")
+CONV_IMPLS = ("xla", "cpu")
 MODEL_NAMES = tuple(
     f"{kind}{depth}"
     for kind in ("resnet", "plain")
@@ -99,6 +100,11 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
             f"model.bn_momentum={model_config.bn_momentum} must be in [0, 1) "
             "(flax convention: 0.9 keeps 90% of the running statistics each step)."
         )
+    if model_config.get("conv_impl", "xla") not in CONV_IMPLS:
+        raise ValueError(
+            f"model.conv_impl={model_config.conv_impl!r} is not one of {CONV_IMPLS} (cpu: "
+            "a weight gradient for XLA:CPU, see resnet_jax/models/cpu_conv.py)."
+        )
     if not model_config.bn_epsilon > 0:
         raise ValueError(f"model.bn_epsilon={model_config.bn_epsilon} must be positive.")
 
@@ -127,5 +133,6 @@ def create_model(
         bn_momentum=model_config.bn_momentum,
         bn_epsilon=model_config.bn_epsilon,
         dtype=jnp.bfloat16 if half_precision else jnp.float32,
+        conv_impl=model_config.get("conv_impl", "xla"),
         **kwargs,
     )

@@ -1,12 +1,16 @@
-"""PyTorch ResNets in the layouts that resnet_jax.import_torch reads, for its tests.
+"""PyTorch twins of this project's ResNets, in the layouts resnet_jax.import_torch reads.
 
-torchvision itself is not installed in CI (its PyPI wheel needs a CUDA build of torch;
-see ../shared notes in the README's test section), so its ResNet is written out here
-from its definition: v1.5 (the bottleneck strides on its 3x3 conv), 7x7/2 stem with a
-3x3/2 max-pool, `downsample.0/1`, `fc`. The tests pin the parameter counts torchvision
-documents (resnet18 11,689,512; resnet50 25,557,032), which a layout error would change.
-The CIFAR layout is that of the common PyTorch CIFAR repositories: a 3x3/1 stem,
-`shortcut.0/1` projections (or option A, parameter-free), `linear`.
+Used by the importer's tests (weights and logits compared with ours) and by
+scripts/benchmark.py (the PyTorch train step timed beside ours). Needs torch, an
+optional dependency (`pip install -e ".[torch]"`).
+
+torchvision itself is not needed: its PyPI wheel wants a CUDA build of torch, so its
+ResNet is written out here from its definition: v1.5 (the bottleneck strides on its
+3x3 conv), 7x7/2 stem with a 3x3/2 max-pool, `downsample.0/1`, `fc`. The tests pin the
+parameter counts torchvision documents (resnet18 11,689,512; resnet50 25,557,032), which
+a layout error would change. The CIFAR layout is that of the common PyTorch CIFAR
+repositories: a 3x3/1 stem, `shortcut.0/1` projections (or option A, parameter-free),
+`linear`.
 """
 
 import torch
@@ -116,3 +120,29 @@ class ResNet(nn.Module):
             x = getattr(self, f"layer{stage + 1}")(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x) if self.layout == "torchvision" else self.linear(x)
+
+
+def from_config(model_config, num_classes):
+    """The PyTorch twin of `create_model(model_config, num_classes)` (fresh weights).
+
+    Raises:
+      ValueError: a plain net or another model without a twin here.
+    """
+    from resnet_jax.models import TORCHVISION_DEPTHS, model_constructor
+
+    if model_config.name.startswith("plain"):
+        raise ValueError(f"{model_config.name}: no PyTorch twin for plain nets.")
+    constructor = model_constructor(model_config.name)
+    num_classes = model_config.num_classes or num_classes
+    scale = model_config.width_multiplier
+    keywords = constructor.keywords
+    widths = [max(1, round(w * scale)) for w in keywords.get("stage_widths", (64, 128, 256, 512))]
+    block = Bottleneck if keywords["block_cls"].__name__ == "Bottleneck" else BasicBlock
+    depth = int(model_config.name.removeprefix("resnet"))
+    if depth in TORCHVISION_DEPTHS:
+        layout = "torchvision" if model_config.stem == "imagenet" else "cifar"
+        return ResNet(block, keywords["stage_sizes"], num_classes, layout, widths)
+    return ResNet(
+        block, keywords["stage_sizes"], num_classes, "cifar", widths,
+        option_a=model_config.shortcut == "A",
+    )  # fmt: skip

@@ -1,0 +1,50 @@
+"""scripts/benchmark.py end to end on a tiny model: the table, and the JSON's contract."""
+
+import json
+import subprocess
+import sys
+
+from helpers import ROOT, main_environment
+
+KEYS = (
+    "train_img_per_s", "loop_img_per_s", "input_img_per_s", "input_img_per_cpu_s",
+    "eval_img_per_s", "compile_s", "torch_train_img_per_s", "ratio_vs_torch",
+    "loop_vs_step", "input_vs_step", "train_step_gflop", "train_step_memory_bytes_per_device",
+)  # fmt: skip
+
+
+def test_benchmark_prints_a_table_and_json(tmp_path):
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--config", "configs/smoke.py",
+         "--config.batch_size=16", "--steps=2", "--repeats=2", "--loop_window=2",
+         "--input_batches=3", f"--json_out={out}"],
+        cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "resnet8, batch 16, 16 px, float32, 4 x cpu"
+    assert any(line.split()[:2] == ["ours", "/"] for line in lines)
+    data = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == data
+    assert all(key in data for key in KEYS)
+    assert all(data[key] > 0 for key in KEYS)
+    assert data["devices"] == 4 and data["torch_device"] == "cpu"
+    assert data["ratio_vs_torch"] == data["train_img_per_s"] / data["torch_train_img_per_s"]
+    assert data["loop_vs_step"] == data["loop_img_per_s"] / data["train_img_per_s"]
+    # XLA's FLOP count of the whole step (all devices): forward and backward are about
+    # 3 x the forward, which --mode=summary counts as 384,926 FLOPs per image (4 classes).
+    assert 16 * 3 * 384_926 < data["train_step_gflop"] * 1e9 < 16 * 3.3 * 384_926
+
+
+def test_benchmark_without_torch_reports_null(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--config", "configs/smoke.py",
+         "--config.model.name=plain8", "--config.batch_size=8", "--steps=1", "--repeats=1",
+         "--loop_window=1", "--loop_windows=1", "--input_batches=1"],
+        cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["torch_train_img_per_s"] is None and data["ratio_vs_torch"] is None
+    assert "plain" in data["torch_note"] and data["devices"] == 1
