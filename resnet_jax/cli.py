@@ -6,6 +6,7 @@ logging environment, which is read once, at TensorFlow's import.
 
 import logging as std_logging
 import os
+import pathlib
 import sys
 from collections.abc import Callable
 
@@ -44,6 +45,17 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or any(
             part in record.pathname for part in _SHOWN_INFO
         )
+
+
+def use_checkout_configs() -> None:
+    """Puts the checkout on sys.path, so `from configs import default` works from any cwd.
+
+    Config files import each other that way; it applies when the package runs from its
+    checkout (pip install -e .).
+    """
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    if (checkout / "configs" / "default.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
 
 
 def quiet_libraries() -> None:

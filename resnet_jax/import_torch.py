@@ -23,7 +23,6 @@ only, never pickled code. torch is an optional dependency: `pip install -e ".[to
 import hashlib
 import pathlib
 import re
-import sys
 from typing import Any
 
 from absl import app, flags
@@ -250,9 +249,7 @@ def import_config(
 
 def _default_config() -> ml_collections.ConfigDict:
     """configs/default.py, which lives in the checkout beside the package."""
-    checkout = pathlib.Path(__file__).resolve().parents[1]
-    if str(checkout) not in sys.path:
-        sys.path.append(str(checkout))
+    cli.use_checkout_configs()
     from configs import default
 
     return default.get_config()
@@ -320,17 +317,14 @@ def import_state_dict(
         "state_dict": str(pathlib.Path(state_dict_path).expanduser().resolve()),
         "sha256": digest,
     }
+    preprocessing = input_pipeline.preprocessing(config)
     workdir_path.mkdir(parents=True, exist_ok=True)
     manager = checkpointing.create_manager(workdir_path)
     checkpointing.save(
         manager,
         state,
         config,
-        {
-            "imported": source,
-            "class_names": class_names,
-            "preprocessing": input_pipeline.preprocessing(config),
-        },
+        {"imported": source, "class_names": class_names, "preprocessing": preprocessing},
     )
     manager.wait_until_finished()
     manager.close()
@@ -341,7 +335,7 @@ def import_state_dict(
         "model": model_name,
         "num_classes": config.model.num_classes,
         "num_params": num_params,
-        "preprocessing": input_pipeline.preprocessing(config),
+        "preprocessing": preprocessing,
         "class_names": bool(class_names),
         **source,
     }

@@ -11,7 +11,6 @@ same command to continue.
 import faulthandler
 import json
 import os
-import pathlib
 import signal
 import sys
 
@@ -21,11 +20,8 @@ from ml_collections import config_flags
 # cli comes first: it sets TensorFlow's logging environment before anything imports it.
 from resnet_jax import cli, config_checks, input_pipeline
 
-# Config files import each other (`from configs import default`); let them do so from any
-# working directory when the package runs from its checkout (pip install -e .).
-_CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
-if (_CHECKOUT / "configs" / "default.py").is_file() and str(_CHECKOUT) not in sys.path:
-    sys.path.append(str(_CHECKOUT))
+# Config files import each other (`from configs import default`).
+cli.use_checkout_configs()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

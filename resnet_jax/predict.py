@@ -54,14 +54,7 @@ class Classifier:
     """A checkpoint's model with its preprocessing and class names, ready to classify."""
 
     def __init__(self, workdir: str, which: str = "latest"):
-        workdir_path = train.absolute_workdir(workdir)
-        if not (workdir_path / checkpointing.CHECKPOINT_DIR).exists():
-            raise checkpointing.CheckpointError(
-                f"No checkpoint in {workdir_path}: point --workdir at a trained run (or one "
-                "made by resnet_jax.import_torch)."
-            )
-        manager = checkpointing.create_manager(workdir_path, read_only=True)
-        self.step = checkpointing.select_step(manager, which)
+        manager, self.step = train.open_checkpoint(train.absolute_workdir(workdir), which)
         try:
             meta = checkpointing.read_meta(manager, self.step)
         except checkpointing.CorruptCheckpointError as e:

@@ -599,6 +599,23 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
 
 
+def open_checkpoint(workdir: epath.Path, which: str) -> tuple[Any, int]:
+    """A read-only manager of `workdir`'s checkpoints, and the step `which` names.
+
+    Raises:
+      CheckpointError: there are no checkpoints, or none that `which` names.
+    """
+    if not (workdir / checkpointing.CHECKPOINT_DIR).exists():
+        raise checkpointing.CheckpointError(
+            f"No checkpoint in {workdir}: {workdir / checkpointing.CHECKPOINT_DIR} does not "
+            "exist. Train first (--mode=train with this --workdir), import weights "
+            "(python -m resnet_jax.import_torch), or point --workdir at the directory of a "
+            "trained run."
+        )
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    return manager, checkpointing.select_step(manager, which)
+
+
 def restore_model(
     manager: Any,
     step: int,
@@ -641,14 +658,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       never replaces the training run's own `eval_results.json`.
     """
     workdir = absolute_workdir(workdir)
-    if not (workdir / checkpointing.CHECKPOINT_DIR).exists():
-        raise checkpointing.CheckpointError(
-            f"No checkpoint in {workdir}: {workdir / checkpointing.CHECKPOINT_DIR} does not "
-            "exist. Train first (--mode=train with this --workdir), or point --workdir at "
-            "the directory of a trained run."
-        )
-    manager = checkpointing.create_manager(workdir, read_only=True)
-    step = checkpointing.select_step(manager, config.eval_checkpoint)
+    manager, step = open_checkpoint(workdir, config.eval_checkpoint)
     mesh = sharding.make_mesh()
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     eval_split = input_pipeline.load_split(config, "test")
