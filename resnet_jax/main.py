@@ -42,42 +42,6 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --distribut
 flags.mark_flag_as_required("config")
 
 
-def _error_lines(error: BaseException) -> list[str]:
-    """The innermost message of `error` as stripped lines (ml_collections nests KeyErrors)."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    # str() of a KeyError is the repr of its message; every other error reads as it is.
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    return [line.strip() for line in text.splitlines() if line.strip()] or [repr(error)]
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with config problems reported as one line instead of a traceback."""
-    try:
-        rest = FLAGS(argv)
-        # The config file loads lazily, and a failure shows at the first use: make it here.
-        FLAGS.config.to_dict()
-    except flags.Error as e:
-        if "Error whilst parsing config file" in str(e):
-            # A config file that takes an argument (file.py:ARG) is loaded while the
-            # flags are parsed; its error's last line says what is wrong.
-            sys.exit(f"error: cannot load the config: {_error_lines(e)[-1]}")
-        sys.exit(f"error: {e}\nSee --help for the flags.")
-    except (AttributeError, KeyError) as e:
-        key, *hint = _error_lines(e)
-        sys.exit(
-            " ".join([f"error: no config key {key}.", *hint, "Every key, with its meaning, is in "
-                      "configs/default.py."])
-        )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - a config file that fails to load, for any reason.
-        sys.exit(
-            f"error: cannot load the config: {_error_lines(e)[-1]}. Check the --config path "
-            "(relative to the working directory) and the file, for example --config "
-            "configs/resnet18.py from the checkout."
-        )
-    return rest
-
-
 def _deterministic_gpu() -> None:
     """Asks XLA for reproducible GPU kernels; read when jax starts its backends (not yet)."""
     flag = "--xla_gpu_deterministic_ops=true"
@@ -142,4 +106,4 @@ def _initialize_distributed() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

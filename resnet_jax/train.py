@@ -311,6 +311,35 @@ def compile_steps(
     return p_train_step, compile_eval_step(mesh)
 
 
+def eval_loop(
+    step_fn: Callable,
+    carry: Any,
+    state: TrainState,
+    split: input_pipeline.DatasetSplit,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Folds `carry = step_fn(state, carry, batch)` over every padded, masked eval batch.
+
+    Every example of `split` is in exactly one batch, with mask True; `on_batch(done,
+    total)` (if given) is called after each batch, for progress.
+    """
+    local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    num_batches = input_pipeline.num_eval_batches(
+        split.num_examples, split.process_count, local_batch
+    )
+    mean, std = input_pipeline.normalization(config)
+    batches = input_pipeline.eval_batches(
+        split, per_process_batch_size=local_batch, num_batches=num_batches, mean=mean, std=std
+    )
+    for index, batch in enumerate(batches):
+        carry = step_fn(state, carry, sharding.global_batch(batch, mesh))
+        if on_batch is not None:
+            on_batch(index + 1, num_batches)
+    return carry
+
+
 def evaluate(
     p_eval_step: Callable,
     state: TrainState,
@@ -319,16 +348,7 @@ def evaluate(
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float | int]:
     """Top-1, top-5 and loss over every example of `split`, each counted exactly once."""
-    local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    num_batches = input_pipeline.num_eval_batches(
-        split.num_examples, split.process_count, local_batch
-    )
-    mean, std = input_pipeline.normalization(config)
-    totals = empty_metrics(EvalMetrics, mesh)
-    for batch in input_pipeline.eval_batches(
-        split, per_process_batch_size=local_batch, num_batches=num_batches, mean=mean, std=std
-    ):
-        totals = p_eval_step(state, totals, sharding.global_batch(batch, mesh))
+    totals = eval_loop(p_eval_step, empty_metrics(EvalMetrics, mesh), state, split, config, mesh)
     values = read_metrics(totals)
     return {k: values[k] for k in ("top1", "top5", "loss", "num_examples")}
 
@@ -646,6 +666,38 @@ def restore_model(
     return variables
 
 
+def checkpoint_state(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    which: str,
+    how_to_choose: str = "--config.eval_checkpoint=STEP",
+) -> tuple[TrainState, jax.sharding.Mesh, input_pipeline.DatasetSplit]:
+    """The model of checkpoint `which` of `workdir` (no optimizer), with its mesh and test split.
+
+    Only the model (params and BN statistics) is read, replicated over this machine's
+    devices, whatever the device count of the run that saved it. `state.step` is the
+    checkpoint's step.
+    """
+    manager, step = open_checkpoint(workdir, which)
+    mesh = sharding.make_mesh()
+    sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    eval_split = input_pipeline.load_split(config, "test")
+    num_classes = resolve_num_classes(config, eval_split.num_classes)
+    model = create_model(config.model, num_classes, config.half_precision)
+    variables = restore_model(
+        manager, step, model, config.image_size, sharding.replicated(mesh), how_to_choose
+    )
+    state = TrainState(
+        step=step,
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=None,
+        opt_state=None,
+    )
+    return state, mesh, eval_split
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the checkpoint `config.eval_checkpoint` of `workdir` on the test split.
 
@@ -658,21 +710,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       never replaces the training run's own `eval_results.json`.
     """
     workdir = absolute_workdir(workdir)
-    manager, step = open_checkpoint(workdir, config.eval_checkpoint)
-    mesh = sharding.make_mesh()
-    sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    eval_split = input_pipeline.load_split(config, "test")
-    num_classes = resolve_num_classes(config, eval_split.num_classes)
-    model = create_model(config.model, num_classes, config.half_precision)
-    variables = restore_model(manager, step, model, config.image_size, sharding.replicated(mesh))
-    state = TrainState(
-        step=step,
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        tx=None,
-        opt_state=None,
-    )
+    state, mesh, eval_split = checkpoint_state(config, workdir, config.eval_checkpoint)
+    step = int(state.step)
     results = evaluate(compile_eval_step(mesh), state, eval_split, config, mesh)
     results.update(
         step=step,
