@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     # resnet18/34/50/101/152 (torchvision family), resnet20/32/44/56/110/1202 or any
-    # resnet<6n+2> (the paper's CIFAR nets), and a plain twin of each: plain18, plain56, ...
+    # resnet<6n+2> (the paper's CIFAR nets), and a plain twin of each: plain18, plain56, ...;
+    # densenet100/190/250 or any densenet<6n+4> (DenseNet-BC for CIFAR).
     config.model.name = "resnet18"
     # Stem of the torchvision family: "cifar" (3x3/1 conv, no max-pool) or
     # "imagenet" (7x7/2 conv + 3x3/2 max-pool). The paper's CIFAR nets always use 3x3/1.
@@ -24,9 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.shortcut = "A"
     # None: the dataset's number of classes.
     config.model.num_classes = config_dict.placeholder(int)
+    # Scales every width; of a DenseNet, its growth rate (see resnet_jax/models/__init__.py).
     config.model.width_multiplier = 1.0
     # Start each residual branch as the identity (last BN scale = 0). No effect on
-    # plain nets, which have no shortcut to carry the signal.
+    # plain nets, which have no shortcut to carry the signal; refused for DenseNets.
     config.model.zero_init_residual = False
     # Flax convention: running = momentum * running + (1 - momentum) * batch
     # (PyTorch's momentum=0.1 is 0.9 here).
@@ -36,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
     # (a weight gradient that XLA:CPU computes faster, same values, more memory; for CPU
     # training on one device: +22% for ResNet-18, see docs/benchmarks.md).
     config.model.conv_impl = "xla"
+    # DenseNet only. Growth rate k: the feature maps each dense layer adds (the paper:
+    # 12 for densenet100, 24 for densenet250, 40 for densenet190).
+    config.model.growth_rate = 12
+    # DenseNet only. The fraction of channels each transition keeps, in (0, 1]
+    # (0.5: DenseNet-BC; 1.0: no compression).
+    config.model.compression = 0.5
 
     # cifar10, cifar100 (tensorflow-datasets) or image_folder (<data_dir>/{train,test}/<class>/*).
     config.dataset = "cifar100"

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from resnet_jax import checkpointing, config_checks, train
-from resnet_jax.models import create_model, model_constructor
+from resnet_jax.models import ResNet, create_model, model_constructor
 
 FLAGS = flags.FLAGS
 
@@ -205,6 +205,11 @@ def import_config(
         constructor = model_constructor(model_name)
     except ValueError as e:
         raise ConversionError(str(e)) from None
+    if constructor.func is not ResNet:
+        raise ConversionError(
+            f"--model={model_name}: only ResNets can be imported (resnet18 ... resnet152, "
+            "resnet<6n+2>, plain<d>); there is no converter for this model's layers."
+        )
     if "conv1.weight" not in tensors:
         raise ConversionError(
             "The state_dict has no conv1.weight (the stem): not a ResNet of a known layout."

@@ -126,12 +126,12 @@ def from_config(model_config, num_classes):
     """The PyTorch twin of `create_model(model_config, num_classes)` (fresh weights).
 
     Raises:
-      ValueError: a plain net or another model without a twin here.
+      ValueError: a plain net, a DenseNet or another model without a twin here.
     """
     from resnet_jax.models import TORCHVISION_DEPTHS, model_constructor
 
-    if model_config.name.startswith("plain"):
-        raise ValueError(f"{model_config.name}: no PyTorch twin for plain nets.")
+    if not model_config.name.startswith("resnet"):
+        raise ValueError(f"{model_config.name}: PyTorch twins exist for the ResNets only.")
     constructor = model_constructor(model_config.name)
     num_classes = model_config.num_classes or num_classes
     scale = model_config.width_multiplier

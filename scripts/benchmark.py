@@ -37,6 +37,7 @@ from typing import Any
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_CHECKOUT)]
 
+import timing  # noqa: E402  (scripts/timing.py, beside this file)
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -67,15 +68,6 @@ PEAK_FLOPS = {
     "TPU v5p": (459e12, 459e12 / 2),
     "TPU v6": (918e12, 918e12 / 2),
 }
-
-
-def _median_rate(run, images: int, repeats: int) -> float:
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        rates.append(images / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def _peak_flops(device, half_precision: bool) -> float | None:
@@ -133,7 +125,7 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
         jax.block_until_ready(holder["state"].params)
 
     train_steps(2)  # Warm-up: the first calls also transfer and allocate.
-    train_img = _median_rate(lambda: train_steps(FLAGS.steps), FLAGS.steps * batch_size,
+    train_img = timing.median_rate(lambda: train_steps(FLAGS.steps), FLAGS.steps * batch_size,
                              FLAGS.repeats)  # fmt: skip
 
     eval_size = config.eval_batch_size
@@ -156,7 +148,7 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
         jax.block_until_ready(eval_holder["metrics"])
 
     eval_steps(2)
-    eval_img = _median_rate(lambda: eval_steps(FLAGS.steps), FLAGS.steps * eval_size,
+    eval_img = timing.median_rate(lambda: eval_steps(FLAGS.steps), FLAGS.steps * eval_size,
                             FLAGS.repeats)  # fmt: skip
 
     device = mesh.devices.flat[0]
@@ -214,18 +206,6 @@ def bench_input(config) -> dict[str, Any]:
     }
 
 
-def _events_scalars(workdir: pathlib.Path, tag: str) -> dict[int, float]:
-    """step -> value of a scalar the run wrote to its TensorBoard event files."""
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
-
-    events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
-    events.Reload()
-    if tag not in events.Tags()["tensors"]:
-        return {}
-    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)}
-
-
 def _write_folder(root: pathlib.Path, num_train: int, num_test: int, size: int) -> None:
     """An image folder of random PNGs in 4 classes: what the loop reads, decodes and batches."""
     import numpy as np
@@ -243,7 +223,7 @@ def _write_folder(root: pathlib.Path, num_train: int, num_test: int, size: int) 
 def bench_loop(config, num_classes: int) -> dict[str, Any]:
     import jax
 
-    from resnet_jax import train
+    from resnet_jax import report, train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
@@ -258,8 +238,8 @@ def bench_loop(config, num_classes: int) -> dict[str, Any]:
         loop.eval_batch_size = 4 * devices
         loop.keep_checkpoints = 1
         train.train_and_evaluate(loop, str(tmp / "run"))
-        rates = _events_scalars(tmp / "run", "train_examples_per_sec")
-    timed = [rate for step, rate in sorted(rates.items()) if step > FLAGS.loop_window]
+        steps, rates = report.read_scalars(tmp / "run")["train_examples_per_sec"]
+    timed = [rate for step, rate in zip(steps, rates, strict=True) if step > FLAGS.loop_window]
     return {"loop_img_per_s": statistics.median(timed) if timed else None}
 
 
@@ -307,7 +287,7 @@ def bench_torch(config, num_classes: int) -> dict[str, Any]:
             torch.cuda.synchronize()
 
     steps(2)
-    rate = _median_rate(lambda: steps(FLAGS.steps), FLAGS.steps * config.batch_size,
+    rate = timing.median_rate(lambda: steps(FLAGS.steps), FLAGS.steps * config.batch_size,
                         FLAGS.repeats)  # fmt: skip
     return {"torch_train_img_per_s": rate, "torch_device": device, "torch_threads": threads,
             "torch_version": torch.__version__}  # fmt: skip

@@ -115,3 +115,43 @@ def tiny_state(config, mesh, num_classes=5):
     lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
     state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
     return state, lr_fn
+
+
+def model_config(name, **overrides):
+    """configs/default.py's model section with `name` and `overrides`."""
+    from configs import default
+
+    config = default.get_config().model
+    config.name = name
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def shapes(name, num_classes, image_size=32, **overrides):
+    """The variables' shapes of the model `name` (jax.eval_shape: nothing computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    model = create_model(model_config(name, **overrides), num_classes)
+    x = jnp.zeros((1, image_size, image_size, 3))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+def count(tree):
+    """Number of scalars in a tree of arrays or shapes."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def checked(**overrides):
+    """config_checks.validate of configs/default.py with these model `overrides`."""
+    from configs import default
+    from resnet_jax import config_checks
+
+    config = default.get_config()
+    for key, value in overrides.items():
+        config.model[key] = value
+    config_checks.validate(config)

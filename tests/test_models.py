@@ -4,28 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import checked, count, model_config, shapes
 
-from configs import default
 from resnet_jax import config_checks
 from resnet_jax.models import MODEL_NAMES, create_model
-
-
-def model_config(name, **overrides):
-    config = default.get_config().model
-    config.name = name
-    for key, value in overrides.items():
-        config[key] = value
-    return config
-
-
-def shapes(name, num_classes, image_size=32, **overrides):
-    model = create_model(model_config(name, **overrides), num_classes)
-    x = jnp.zeros((1, image_size, image_size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-
-
-def count(tree):
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
 def projection_params(params):
@@ -263,13 +245,6 @@ def test_any_6n_plus_2_depth_builds():
     # resnet26 is not in the paper's table but is a valid 6n+2 net (n=4).
     params = shapes("resnet26", 10)["params"]
     assert "layer1_3" in params and "layer1_4" not in params
-
-
-def checked(**overrides):
-    config = default.get_config()
-    for key, value in overrides.items():
-        config.model[key] = value
-    config_checks.validate(config)
 
 
 @pytest.mark.parametrize(

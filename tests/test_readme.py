@@ -1,4 +1,4 @@
-"""Every `python -m resnet_jax.{main,predict,import_torch}` command of the README, as written.
+"""Every `python -m resnet_jax.<command>` command of the README, as written.
 
 Each runs from a fresh working directory that holds nothing but `configs/` (as a new
 user's checkout would, for the parts these commands read), so relative paths such as
@@ -41,6 +41,8 @@ def readme_commands(module="main"):
 COMMANDS = readme_commands()
 PREDICTS = readme_commands("predict")
 IMPORTS = readme_commands("import_torch")
+REPORTS = readme_commands("report")
+DEGRADATIONS = readme_commands("experiments.degradation")
 
 
 def test_the_readme_has_the_commands_this_file_runs():
@@ -49,6 +51,7 @@ def test_the_readme_has_the_commands_this_file_runs():
     assert any("--mode=eval" in c for c in COMMANDS)
     assert any("--mode=summary" in c for c in COMMANDS)
     assert len(PREDICTS) == 2 and len(IMPORTS) == 1
+    assert len(REPORTS) == 1 and len(DEGRADATIONS) == 1
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +143,15 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
     )
     assert hits == round(trained["top1"] * 37)
 
+    # The report, as written: its evaluation agrees with training's, class by class.
+    (report,) = REPORTS
+    run_as_written(report, user_dir, module="report")
+    summary = json.loads((workdir / "report" / "report.json").read_text())
+    assert summary["step"] == 4 and summary["num_examples"] == 37
+    assert summary["top1"] == pytest.approx(trained["top1"], abs=1e-6)
+    assert len(summary["per_class"]) == 100 and summary["per_class"][7]["class"] == "fine_07"
+    assert sum(row["examples"] for row in summary["per_class"]) == 37
+
     (folder,) = [c for c in trains if "image_folder" in " ".join(c)]
     folder = [arg.replace("PATH", str(toy_folder)) for arg in folder]
     run_as_written(folder, user_dir, *SHRINK, "--config.num_train_steps=4")
@@ -176,3 +188,21 @@ def test_import_predict_and_evaluate_commands(user_dir, toy_folder):
     result = run_as_written(evaluate, user_dir, "--config.eval_batch_size=8")
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluated["num_examples"] == 63 and evaluated["step"] == 0
+
+
+def test_degradation_command(user_dir, cifar):
+    """The experiment as written, shrunk: one depth, two steps, the test archive."""
+    root, _ = cifar
+    (args,) = DEGRADATIONS
+    run_as_written(
+        args, user_dir, *SHRINK, "--depths=8", "--config.dataset=cifar100",
+        f"--config.data_dir={root / 'data'}", "--config.num_train_steps=2",
+        module="experiments.degradation",
+    )  # fmt: skip
+    workdir = user_dir / args[args.index("--workdir") + 1]
+    runs = json.loads((workdir / "degradation.json").read_text())["runs"]
+    assert [r["model"] for r in runs] == ["plain8", "resnet8"]
+    for run in runs:
+        final = json.loads((workdir / run["model"] / "eval_results.json").read_text())
+        assert final["num_examples"] == 37 and final["step"] == run["steps"] == 2
+    assert (workdir / "degradation.png").is_file() and (workdir / "degradation.md").is_file()

@@ -7,6 +7,19 @@ Names:
   accepted): the paper's CIFAR nets, 16/32/64 filters, shortcut `model.shortcut` (A or B).
   Depths 50 and 152 are 6n + 2 too; those names mean the bottleneck nets above.
 - plain<depth>: the same net as resnet<depth> with every shortcut removed.
+- densenet<L> with L = 6n + 4 (densenet100, densenet190, densenet250 in the paper, any
+  n >= 1 accepted): DenseNet-BC for CIFAR (Huang et al. 2017), growth rate
+  `model.growth_rate` (k) and transition compression `model.compression` (theta).
+
+How the ResNet settings apply to a DenseNet:
+- `width_multiplier` scales the growth rate (k x multiplier, rounded, at least 1): every
+  width of a DenseNet-BC is a multiple of k, so this scales the whole net as it does a
+  ResNet. Prefer setting `growth_rate` itself; the two multiply.
+- `zero_init_residual=True` is refused: a DenseNet has no residual branch to start as the
+  identity (plain nets accept and ignore it, to stay the twin of a ResNet config).
+- `conv_impl="cpu"` is supported: the dense layers' 3x3 convolutions take cpu_conv's
+  weight gradient (same values; its speed was measured on ResNet-18 only).
+- `stem` and `shortcut` are ignored: DenseNet-BC has one CIFAR layout and no shortcuts.
 """
 
 import functools
@@ -16,6 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from resnet_jax.models.densenet import DenseNet
 from resnet_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 
 # depth -> (block, blocks per stage), as in torchvision.
@@ -30,21 +44,28 @@ PAPER_CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 STEMS = ("cifar", "imagenet")
 SHORTCUTS = ("A", "B")
 CONV_IMPLS = ("xla", "cpu")
+# The ResNets and their plain twins; the DenseNets are listed apart (DENSENET_NAMES).
 MODEL_NAMES = tuple(
     f"{kind}{depth}"
     for kind in ("resnet", "plain")
     for depth in sorted((*TORCHVISION_DEPTHS, *PAPER_CIFAR_DEPTHS))
 )
+# DenseNet-BC depths of the paper's table: (L=100, k=12), (L=250, k=24), (L=190, k=40).
+DENSENET_DEPTHS = (100, 190, 250)
+DENSENET_NAMES = tuple(f"densenet{depth}" for depth in DENSENET_DEPTHS)
 
-_NAME = re.compile(r"(resnet|plain)(\d+)")
+_NAME = re.compile(r"(resnet|plain|densenet)(\d+)")
 
 
 def _choices() -> str:
-    return f"{', '.join(MODEL_NAMES)} (or resnet<d>/plain<d> for any depth d = 6n + 2, n >= 1)"
+    return (
+        f"{', '.join(MODEL_NAMES + DENSENET_NAMES)} (or resnet<d>/plain<d> for any depth "
+        "d = 6n + 2, densenet<L> for any L = 6n + 4, n >= 1)"
+    )
 
 
 def model_constructor(name: str) -> functools.partial:
-    """Returns a partial of `ResNet` with the layout that `name` selects.
+    """Returns a partial of `ResNet` or `DenseNet` with the layout that `name` selects.
 
     Raises:
       ValueError: `name` is unknown or its depth is not of a supported form; the
@@ -54,6 +75,13 @@ def model_constructor(name: str) -> functools.partial:
     if not match:
         raise ValueError(f"Unknown model name {name!r}. Valid names: {_choices()}.")
     kind, depth = match.group(1), int(match.group(2))
+    if kind == "densenet":
+        if depth >= 10 and (depth - 4) % 6 == 0:
+            return functools.partial(DenseNet, layers_per_block=(depth - 4) // 6)
+        raise ValueError(
+            f"Model {name!r}: depth {depth} is not of the form 6n + 4 with n >= 1 (10, 16, "
+            f"..., 100, 190, 250). Valid names: {_choices()}."
+        )
     plain = kind == "plain"
     if depth in TORCHVISION_DEPTHS:
         block, stages = TORCHVISION_DEPTHS[depth]
@@ -77,7 +105,7 @@ def model_constructor(name: str) -> functools.partial:
 
 def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the bad value and the valid choices."""
-    model_constructor(model_config.name)
+    constructor = model_constructor(model_config.name)
     if model_config.stem not in STEMS:
         raise ValueError(f"model.stem={model_config.stem!r} is not one of {STEMS}.")
     if model_config.shortcut not in SHORTCUTS:
@@ -107,11 +135,29 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
         )
     if not model_config.bn_epsilon > 0:
         raise ValueError(f"model.bn_epsilon={model_config.bn_epsilon} must be positive.")
+    # Configs saved before DenseNet (a run's config.json, a checkpoint's) lack these keys.
+    growth_rate = model_config.get("growth_rate", 12)
+    if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate <= 0:
+        raise ValueError(
+            f"model.growth_rate={growth_rate!r} must be a positive integer (the feature maps "
+            "each DenseNet layer adds; the paper uses 12, 24 or 40)."
+        )
+    compression = model_config.get("compression", 0.5)
+    if not 0 < compression <= 1:
+        raise ValueError(
+            f"model.compression={compression} must be in (0, 1] (the fraction of channels a "
+            "DenseNet transition keeps; 0.5 is DenseNet-BC, 1 is no compression)."
+        )
+    if constructor.func is DenseNet and model_config.zero_init_residual:
+        raise ValueError(
+            f"model.zero_init_residual=True: {model_config.name} has no residual branch to "
+            "start as the identity. Set --config.model.zero_init_residual=False."
+        )
 
 
 def create_model(
     model_config: ml_collections.ConfigDict, num_classes: int, half_precision: bool = False
-) -> ResNet:
+) -> ResNet | DenseNet:
     """Builds the network that `model_config` describes.
 
     Args:
@@ -121,6 +167,18 @@ def create_model(
     """
     validate_model_config(model_config)
     constructor = model_constructor(model_config.name)
+    dtype = jnp.bfloat16 if half_precision else jnp.float32
+    if constructor.func is DenseNet:
+        return constructor(
+            num_classes=model_config.num_classes or num_classes,
+            growth_rate=model_config.get("growth_rate", 12),
+            compression=model_config.get("compression", 0.5),
+            width_multiplier=model_config.width_multiplier,
+            bn_momentum=model_config.bn_momentum,
+            bn_epsilon=model_config.bn_epsilon,
+            dtype=dtype,
+            conv_impl=model_config.get("conv_impl", "xla"),
+        )
     kwargs: dict[str, Any] = {}
     if constructor.keywords.get("stem") is None:
         kwargs["stem"] = model_config.stem
@@ -132,7 +190,7 @@ def create_model(
         zero_init_residual=model_config.zero_init_residual,
         bn_momentum=model_config.bn_momentum,
         bn_epsilon=model_config.bn_epsilon,
-        dtype=jnp.bfloat16 if half_precision else jnp.float32,
+        dtype=dtype,
         conv_impl=model_config.get("conv_impl", "xla"),
         **kwargs,
     )

@@ -1,0 +1,132 @@
+"""DenseNet-BC for CIFAR (Huang et al. 2017, "Densely Connected Convolutional Networks").
+
+Every layer of a dense block sees the concatenation of all feature maps before it in the
+block and adds `growth_rate` (k) new ones. The -BC variant has a Bottleneck in each layer
+(BN-ReLU-Conv1x1 to 4k channels, then BN-ReLU-Conv3x3 to k) and Compresses the channels
+in each transition (BN-ReLU-Conv1x1 to floor(compression x channels), 2x2 average pool).
+The CIFAR layout: a 3x3 conv to 2k channels, three dense blocks of n = (L - 4) / 6 layers
+at 32, 16 and 8 pixels, BN-ReLU, global average pool, a dense layer.
+
+Layer names: `conv1`, `block1_layer0/{bn1,conv1,bn2,conv2}`, `transition1/{bn,conv}`,
+`bn_final`, `fc`.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_jax.models import cpu_conv
+from resnet_jax.models.resnet import _batch_norm, conv_init
+
+
+def _conv(features: int, size: int, dtype: Any, name: str, conv_impl: str = "xla") -> nn.Conv:
+    # Convolutions have no bias: the BatchNorm that follows each one has its own.
+    padding = ((size // 2, size // 2),) * 2
+    return nn.Conv(
+        features, (size, size), 1, padding=padding, use_bias=False, kernel_init=conv_init,
+        dtype=dtype, param_dtype=jnp.float32, name=name,
+        conv_general_dilated=cpu_conv.conv_general_dilated if conv_impl == "cpu" else None,
+    )  # fmt: skip
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-Conv1x1 (4k) then BN-ReLU-Conv3x3 (k): the k new feature maps of one layer."""
+
+    growth_rate: int
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        norm = dict(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                    dtype=self.dtype)  # fmt: skip
+        y = nn.relu(_batch_norm(name="bn1", **norm)(x))
+        y = _conv(4 * self.growth_rate, 1, self.dtype, "conv1")(y)
+        y = nn.relu(_batch_norm(name="bn2", **norm)(y))
+        # Only the 3x3 convolutions can take cpu_conv's weight gradient.
+        return _conv(self.growth_rate, 3, self.dtype, "conv2", self.conv_impl)(y)
+
+
+class Transition(nn.Module):
+    """BN-ReLU-Conv1x1 to `features` channels, then a 2x2 average pool with stride 2."""
+
+    features: int
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
+        x = _conv(self.features, 1, self.dtype, "conv")(nn.relu(x))
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC with the CIFAR layout: three dense blocks of `layers_per_block` layers.
+
+    Attributes:
+      layers_per_block: n; the depth is L = 6n + 4 (two convolutions per layer, the first
+        conv, two transitions and the dense layer).
+      num_classes: outputs of the final dense layer.
+      growth_rate: k, the feature maps each layer adds, before `width_multiplier`.
+      compression: theta; a transition keeps floor(theta x channels) channels.
+      width_multiplier: scales k (rounded, at least 1); every width of the net is a
+        multiple of k or, after a transition, a fraction of one, so this scales them all.
+      bn_momentum, bn_epsilon: BatchNorm settings (flax momentum convention).
+      dtype: compute dtype; parameters and BN statistics are always float32.
+      conv_impl: "xla" or "cpu" (the dense layers' 3x3 convolutions get cpu_conv's weight
+        gradient; same values).
+    """
+
+    layers_per_block: int
+    num_classes: int
+    growth_rate: int = 12
+    compression: float = 0.5
+    width_multiplier: float = 1.0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    conv_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Maps images [batch, height, width, 3] to float32 logits [batch, num_classes]."""
+        k = max(1, round(self.growth_rate * self.width_multiplier))
+        norm = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
+        x = jnp.asarray(x, self.dtype)
+        x = _conv(2 * k, 3, self.dtype, "conv1")(x)
+        for block in range(3):
+            for index in range(self.layers_per_block):
+                new = DenseLayer(
+                    growth_rate=k,
+                    bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon,
+                    dtype=self.dtype,
+                    conv_impl=self.conv_impl,
+                    name=f"block{block + 1}_layer{index}",
+                )(x, train)
+                # Each concatenation is a new buffer that autodiff keeps for the backward
+                # pass: activation memory grows as n^2 per block, the price of DenseNet's
+                # few parameters (see scripts/compare_models.py).
+                x = jnp.concatenate([x, new], axis=-1)
+            if block < 2:
+                # The epsilon keeps floor() from losing a channel to rounding
+                # (0.29 * 100 = 28.999999999999996).
+                features = max(1, math.floor(self.compression * x.shape[-1] + 1e-9))
+                x = Transition(
+                    features,
+                    bn_momentum=self.bn_momentum,
+                    bn_epsilon=self.bn_epsilon,
+                    dtype=self.dtype,
+                    name=f"transition{block + 1}",
+                )(x, train)
+        x = nn.relu(_batch_norm(train, name="bn_final", **norm)(x))
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc")(x)
+        # The loss and softmax want float32 whatever the compute dtype.
+        return jnp.asarray(x, jnp.float32)

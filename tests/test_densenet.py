@@ -1,0 +1,268 @@
+"""DenseNet-BC: exact parameter counts (pinned and derived), layout, a train step, bad values."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from helpers import checked, count, model_config, run_main, shapes, tiny_state
+
+from configs import densenet_bc100, smoke
+from resnet_jax import config_checks, import_torch, sharding, train
+from resnet_jax.models import create_model
+
+
+def densenet_bc_params(depth, growth_rate, num_classes, compression=0.5):
+    """Parameters of DenseNet-BC for CIFAR, from the paper's definition alone.
+
+    A 3x3 conv from 3 to 2k channels; three blocks of n = (L - 4) / 6 layers, each
+    BN(c) + 1x1 conv c -> 4k + BN(4k) + 3x3 conv 4k -> k (no conv biases), after which
+    c grows by k; between blocks BN(c) + 1x1 conv c -> floor(theta c); a last BN(c) and a
+    dense layer with bias. A BN has 2 parameters per channel (scale, bias); its running
+    mean and variance are statistics, not parameters.
+
+    DenseNet-BC L=100, k=12 (n = 16), CIFAR-10, block by block:
+      conv1          3*3*3*24                                              =     648
+      block1         c = 24, 36, ..., 204 (sum 1,824):
+                     50 * 1,824 (BN 2c + conv 48c) + 16 * (96 + 5,184)     = 175,680
+      transition1    c = 216: 2*216 + 216*108                              =  23,760
+      block2         c = 108 ... 288 (sum 3,168): 50 * 3,168 + 84,480      = 242,880
+      transition2    c = 300: 2*300 + 300*150                              =  45,600
+      block3         c = 150 ... 330 (sum 3,840): 50 * 3,840 + 84,480      = 276,480
+      bn_final       c = 342: 2*342                                        =     684
+      fc             342*10 + 10                                           =   3,430
+      total                                                                = 769,162
+    With 100 classes the fc has 342*100 + 100 = 34,300: 800,032 in all.
+    """
+    n = (depth - 4) // 6
+    k = growth_rate
+
+    def bn(channels):
+        return 2 * channels
+
+    total = 3 * 3 * 3 * 2 * k
+    channels = 2 * k
+    for block in range(3):
+        for _ in range(n):
+            total += bn(channels) + channels * 4 * k + bn(4 * k) + 3 * 3 * 4 * k * k
+            channels += k
+        if block < 2:
+            kept = int(compression * channels)
+            total += bn(channels) + channels * kept
+            channels = kept
+    return total + bn(channels) + channels * num_classes + num_classes
+
+
+# The paper's Table 2 rounds these to 0.8M, 15.3M and 25.6M. 769,162 is also the count
+# widely quoted for PyTorch DenseNet-BC-100 k=12 on CIFAR-10 (e.g. the torchvision-style
+# CIFAR ports): ours equals it exactly, the layout being the same (3x3 stem conv without
+# BN, bias-free convolutions, BN-ReLU-conv order, dense layer with bias).
+@pytest.mark.parametrize(
+    "depth,growth_rate,num_classes,expected,paper_millions",
+    [
+        (100, 12, 100, 800_032, 0.8),
+        (100, 12, 10, 769_162, 0.8),
+        (250, 24, 10, 15_324_406, 15.3),
+        (190, 40, 10, 25_624_430, 25.6),
+    ],
+)
+def test_parameter_counts_are_pinned_and_derived(
+    depth, growth_rate, num_classes, expected, paper_millions
+):
+    params = shapes(f"densenet{depth}", num_classes, growth_rate=growth_rate)["params"]
+    assert count(params) == expected
+    assert densenet_bc_params(depth, growth_rate, num_classes) == expected
+    assert round(expected / 1e6, 1) == paper_millions
+
+
+def test_densenet100_counts_block_by_block():
+    # The docstring of densenet_bc_params, layer by layer of the real model.
+    params = shapes("densenet100", 10)["params"]
+    by_layer = {name: count(sub) for name, sub in params.items()}
+    blocks = {
+        b: sum(v for name, v in by_layer.items() if name.startswith(f"block{b}_"))
+        for b in (1, 2, 3)
+    }
+    assert blocks == {1: 175_680, 2: 242_880, 3: 276_480}
+    assert {name: v for name, v in by_layer.items() if not name.startswith("block")} == {
+        "conv1": 648, "transition1": 23_760, "transition2": 45_600, "bn_final": 684, "fc": 3_430,
+    }  # fmt: skip
+
+
+def test_layout_and_names():
+    params = shapes("densenet100", 100)["params"]
+    assert sorted(params["block1_layer0"]) == ["bn1", "bn2", "conv1", "conv2"]
+    # Flax kernels are HWIO; no convolution has a bias.
+    assert params["conv1"]["kernel"].shape == (3, 3, 3, 24)
+    assert params["block1_layer0"]["conv1"]["kernel"].shape == (1, 1, 24, 48)
+    assert params["block1_layer0"]["conv2"]["kernel"].shape == (3, 3, 48, 12)
+    assert params["transition1"]["conv"]["kernel"].shape == (1, 1, 216, 108)
+    assert params["block3_layer15"]["conv1"]["kernel"].shape == (1, 1, 330, 48)
+    assert "block3_layer16" not in params
+    assert params["bn_final"]["scale"].shape == (342,)
+    assert params["fc"]["kernel"].shape == (342, 100) and params["fc"]["bias"].shape == (100,)
+    biases = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0] if p[-1].key == "bias"]
+    assert all(p[0].key == "fc" or "bn" in p[-2].key for p in biases)
+
+
+@pytest.mark.parametrize("depth", [10, 100])
+def test_depth_counts_the_weighted_layers(depth):
+    # L = 6n + 4: the first conv, two convs per dense layer, two transitions, the fc.
+    kernels = jax.tree_util.tree_flatten_with_path(shapes(f"densenet{depth}", 10)["params"])[0]
+    assert sum(1 for path, _ in kernels if path[-1].key == "kernel") == depth
+
+
+def test_width_multiplier_scales_the_growth_rate():
+    halved = shapes("densenet16", 10, growth_rate=12, width_multiplier=0.5)["params"]
+    assert count(halved) == count(shapes("densenet16", 10, growth_rate=6)["params"])
+    assert count(halved) == densenet_bc_params(16, 6, 10)
+
+
+def test_compression_one_keeps_every_channel():
+    params = shapes("densenet16", 10, compression=1.0)["params"]
+    assert params["transition1"]["conv"]["kernel"].shape == (1, 1, 48, 48)
+    assert count(params) == densenet_bc_params(16, 12, 10, compression=1.0)
+
+
+def test_a_config_without_the_densenet_keys_still_builds():
+    # config.json of runs (and checkpoints' metadata) from before DenseNet lack the keys.
+    for name, k12 in (("resnet20", False), ("densenet16", True)):
+        old = {
+            k: v for k, v in model_config(name).items() if k not in ("growth_rate", "compression")
+        }
+        model = create_model(ml_collections.ConfigDict(old), 10)
+        x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+        assert (count(params) == densenet_bc_params(16, 12, 10)) == k12
+
+
+def tiny_densenet_config(**overrides):
+    config = smoke.get_config()
+    config.model.name = "densenet10"
+    config.model.growth_rate = 4
+    config.model.width_multiplier = 1.0
+    config.image_size = 8
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_one_train_step_moves_params_and_batch_stats():
+    config = tiny_densenet_config()
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state, lr_fn = tiny_state(config, mesh)
+    before = jax.device_get((state.params, state.batch_stats))
+    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 5, 4).astype(np.int32),
+    }
+    fresh = train.empty_metrics(train.TrainMetrics, mesh)
+    state, metrics = p_train_step(state, fresh, sharding.global_batch(batch, mesh))
+    loss = train.read_metrics(metrics)["loss"]
+    assert np.isfinite(loss) and loss > 0
+    after = jax.device_get((state.params, state.batch_stats))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    assert all(jax.tree.leaves(moved))  # Every parameter and every BN statistic.
+
+
+@pytest.mark.parametrize("half_precision", [False, True])
+def test_dtypes(half_precision):
+    # Shapes and dtypes only (eval_shape): nothing to compile.
+    config = tiny_densenet_config()
+    model = create_model(config.model, 5, half_precision)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    logits, state = jax.eval_shape(
+        lambda v, x: model.apply(
+            v, x, train=True, capture_intermediates=True, mutable=["batch_stats", "intermediates"]
+        ),
+        variables,
+        x,
+    )
+    assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+    conv = state["intermediates"]["block2_layer0"]["conv2"]["__call__"][0]
+    assert conv.shape == (2, 4, 4, 4)
+    assert conv.dtype == (jnp.bfloat16 if half_precision else jnp.float32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["batch_stats"]))
+
+
+@pytest.mark.parametrize("impl,custom_gradients", [("xla", 0), ("cpu", 1)])
+def test_conv_impl_cpu_reaches_the_dense_layers(impl, custom_gradients):
+    # cpu_conv's own tests compare its values and gradients with lax's; here: the one
+    # 3x3 convolution of densenet10 that runs at 16x16 (block 1) takes its path.
+    model = create_model(model_config("densenet10", growth_rate=4, conv_impl=impl), 5)
+    x = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+    def forward(variables, x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    jaxpr = str(jax.make_jaxpr(forward)(variables, x))
+    assert jaxpr.count("custom_vjp_call") == custom_gradients
+
+
+def test_the_paper_config():
+    for dataset in ("cifar100", "cifar10"):
+        config = densenet_bc100.get_config(dataset)
+        config_checks.validate(config)
+        assert (config.model.name, config.model.growth_rate, config.dataset) == (
+            "densenet100", 12, dataset,
+        )  # fmt: skip
+        assert (config.batch_size, config.num_epochs, config.lr_decay_epochs) == (
+            64, 300.0, (150.0, 225.0),
+        )  # fmt: skip
+        assert config.nesterov and config.weight_decay == 1e-4 and config.lr_schedule == "piecewise"
+    with pytest.raises(ValueError, match="cifar100 or cifar10"):
+        densenet_bc100.get_config("svhn")
+
+
+def test_summary_command_prints_the_pinned_total():
+    result = run_main("--config", "configs/densenet_bc100.py", "--mode=summary")
+    assert result.returncode == 0, result.stderr
+    assert any(line.split() == ["total", "800,032"] for line in result.stdout.splitlines())
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["model"] == "densenet100" and info["total_params"] == 800_032
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            dict(name="densenet99"),
+            r"'densenet99': depth 99 is not of the form 6n \+ 4.*densenet100",
+        ),
+        (dict(name="densenet4"), r"depth 4 is not of the form 6n \+ 4 with n >= 1"),
+        (dict(name="vgg16"), r"Unknown model name 'vgg16'.*plain110.*densenet100.*densenet<L>"),
+        (dict(growth_rate=0), r"model.growth_rate=0 must be a positive integer"),
+        (dict(growth_rate=-12), r"model.growth_rate=-12 must be a positive integer"),
+        (dict(compression=1.5), r"model.compression=1.5 must be in \(0, 1\]"),
+        (dict(compression=0.0), r"model.compression=0.0 must be in \(0, 1\]"),
+        (
+            dict(name="densenet100", zero_init_residual=True),
+            r"zero_init_residual=True: densenet100 has no residual.*=False",
+        ),
+    ],
+)
+def test_bad_values_are_one_line_errors(overrides, match):
+    with pytest.raises(config_checks.ConfigError, match=match) as error:
+        checked(**overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_name_on_the_command_line_is_one_line():
+    result = run_main("--config", "configs/densenet_bc100.py", "--config.model.name=densenet99",
+                      "--mode=summary")  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "depth 99 is not of the form 6n + 4" in lines[0], result.stderr
+
+
+def test_import_torch_refuses_a_densenet_clearly():
+    tensors = {"conv1.weight": np.zeros((24, 3, 3, 3), np.float32)}
+    with pytest.raises(import_torch.ConversionError, match="only ResNets can be imported"):
+        import_torch.import_config("densenet100", tensors, "cifar10")
