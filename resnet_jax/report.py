@@ -254,9 +254,15 @@ def _last(scalars: dict, tag: str) -> str:
 
 
 def write_report(
-    workdir: pathlib.Path, out: pathlib.Path, config: Any = None, which: str = "latest"
+    workdir: pathlib.Path,
+    out: pathlib.Path,
+    config: Any = None,
+    which: str = "latest",
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Writes the report files into `out`; with `config` None, only the curves.
+
+    `title` names the run in index.md (default: `workdir`).
 
     Returns:
       What index.md shows, as numbers: {"curves": {tag: last value}, "step", "top1",
@@ -267,7 +273,7 @@ def write_report(
     plot_curves(scalars, out / "curves.png")
     summary: dict[str, Any] = {"curves": {tag: float(v[-1]) for tag, (_, v) in scalars.items()}}
     lines = [
-        f"# Report: {workdir}\n",
+        f"# Report: {title or workdir}\n",
         _markdown_table(
             ["", "value"],
             [
@@ -338,7 +344,7 @@ def _run() -> None:
 
             config = from_workdir.get_config(str(workdir))
         input_pipeline.hide_accelerators_from_tensorflow()
-    summary = write_report(pathlib.Path(workdir), out, config, FLAGS.checkpoint)
+    summary = write_report(pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir)
     logging.info("Report written to %s", out / "index.md")
     if "top1" in summary:
         logging.info("Test top-1 of step %d: %.4f", summary["step"], summary["top1"])
