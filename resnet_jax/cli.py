@@ -82,6 +82,27 @@ def _error_lines(error: BaseException) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()] or [repr(error)]
 
 
+def config_error(error: Exception) -> str:
+    """The one-line `error: ...` for a failure to parse the flags or to load --config."""
+    if isinstance(error, flags.Error):
+        if "Error whilst parsing config file" in str(error):
+            # A config file that takes an argument (file.py:ARG) is loaded while the
+            # flags are parsed; its error's last line says what is wrong.
+            return f"error: cannot load the config: {_error_lines(error)[-1]}"
+        return f"error: {error}\nSee --help for the flags."
+    if isinstance(error, (AttributeError, KeyError)):
+        key, *hint = _error_lines(error)
+        return " ".join(
+            [f"error: no config key {key}.", *hint,
+             "Every key, with its meaning, is in configs/default.py."]
+        )  # fmt: skip
+    return (
+        f"error: cannot load the config: {_error_lines(error)[-1]}. Check the --config path "
+        "(relative to the working directory) and the file, for example --config "
+        "configs/resnet18.py from the checkout."
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with problems of --config reported as one line instead of a traceback.
 
@@ -92,22 +113,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         # The config file loads lazily, and a failure shows at the first use: make it here.
         if flags.FLAGS.config is not None:
             flags.FLAGS.config.to_dict()
-    except flags.Error as e:
-        if "Error whilst parsing config file" in str(e):
-            # A config file that takes an argument (file.py:ARG) is loaded while the
-            # flags are parsed; its error's last line says what is wrong.
-            sys.exit(f"error: cannot load the config: {_error_lines(e)[-1]}")
-        sys.exit(f"error: {e}\nSee --help for the flags.")
-    except (AttributeError, KeyError) as e:
-        key, *hint = _error_lines(e)
-        sys.exit(
-            " ".join([f"error: no config key {key}.", *hint, "Every key, with its meaning, is in "
-                      "configs/default.py."])
-        )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - a config file that fails to load, for any reason.
-        sys.exit(
-            f"error: cannot load the config: {_error_lines(e)[-1]}. Check the --config path "
-            "(relative to the working directory) and the file, for example --config "
-            "configs/resnet18.py from the checkout."
-        )
+    except Exception as e:  # noqa: BLE001 - a config file can fail to load for any reason.
+        sys.exit(config_error(e))
     return rest

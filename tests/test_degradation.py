@@ -94,3 +94,18 @@ def test_finished_means_the_same_config(tmp_path):
     assert degradation.is_finished(tmp_path, config)
     config.num_train_steps += 1
     assert not degradation.is_finished(tmp_path, config)
+
+
+def test_bad_flags_are_one_line(tmp_path):
+    for args, message in (
+        (["--config.nope=1"], "error: no config key 'nope'."),
+        (["--depths=21"], "error: --depths: '21' is not a depth"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "resnet_jax.experiments.degradation",
+             f"--workdir={tmp_path}", *args],
+            cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert not any(tmp_path.iterdir())  # Nothing was started.

@@ -237,5 +237,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
+    try:
+        # The default config file loads here, with any --config.key=value applied.
+        define_flags()
+    except Exception as e:  # noqa: BLE001 - a bad override or config file, reported as one line.
+        sys.exit(cli.config_error(e))
     app.run(main, flags_parser=cli.parse_flags)
