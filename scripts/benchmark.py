@@ -82,22 +82,13 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
     import numpy as np
 
     from resnet_jax import sharding, train
-    from resnet_jax.models import create_model
 
     batch_size = config.batch_size
     local = sharding.per_process_batch_size(batch_size, mesh)
     rng = np.random.default_rng(0)
     size = config.image_size
-    host_batch = {
-        "image": rng.normal(size=(local, size, size, 3)).astype(np.float32),
-        "label": rng.integers(0, num_classes, size=local).astype(np.int32),
-    }
-    batch = sharding.global_batch(host_batch, mesh)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=10_000)
-    model = create_model(config.model, num_classes, config.half_precision)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    p_train_step, p_eval_step = train.compile_steps(config, lr_fn, mesh)
-    metrics = train.empty_metrics(train.TrainMetrics, mesh)
+    batch = timing.random_batch(rng, local, size, num_classes, mesh)
+    state, metrics, p_train_step, p_eval_step = timing.train_setup(config, mesh, num_classes)
 
     start = time.perf_counter()
     compiled = p_train_step.lower(state, metrics, batch).compile()
@@ -107,49 +98,25 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
     # XLA counts the program one device runs: its share of the batch.
     flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
     flops = flops_per_device * mesh.devices.size
-    memory = compiled.memory_analysis()
-    step_bytes = None
-    if memory is not None:
-        step_bytes = int(
-            memory.temp_size_in_bytes + memory.argument_size_in_bytes
-            + memory.output_size_in_bytes - memory.alias_size_in_bytes
-        )  # fmt: skip
-
-    holder = {"state": state, "metrics": metrics}
-
-    def train_steps(count):
-        for _ in range(count):
-            holder["state"], holder["metrics"] = p_train_step(
-                holder["state"], holder["metrics"], batch
-            )
-        jax.block_until_ready(holder["state"].params)
-
-    train_steps(2)  # Warm-up: the first calls also transfer and allocate.
-    train_img = timing.median_rate(lambda: train_steps(FLAGS.steps), FLAGS.steps * batch_size,
-                             FLAGS.repeats)  # fmt: skip
+    step_bytes = timing.footprint_bytes(compiled)
+    train_img, state = timing.train_rate(
+        p_train_step, state, metrics, batch, FLAGS.steps, FLAGS.repeats
+    )
 
     eval_size = config.eval_batch_size
     eval_local = sharding.per_process_batch_size(eval_size, mesh, "eval_batch_size")
-    eval_batch = sharding.global_batch(
-        {
-            "image": rng.normal(size=(eval_local, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, num_classes, size=eval_local).astype(np.int32),
-            "mask": np.ones(eval_local, bool),
-        },
-        mesh,
-    )
+    eval_batch = timing.random_batch(rng, eval_local, size, num_classes, mesh, mask=True)
     eval_holder = {"metrics": train.empty_metrics(train.EvalMetrics, mesh)}
 
     def eval_steps(count):
         for _ in range(count):
-            eval_holder["metrics"] = p_eval_step(
-                holder["state"], eval_holder["metrics"], eval_batch
-            )
+            eval_holder["metrics"] = p_eval_step(state, eval_holder["metrics"], eval_batch)
         jax.block_until_ready(eval_holder["metrics"])
 
-    eval_steps(2)
-    eval_img = timing.median_rate(lambda: eval_steps(FLAGS.steps), FLAGS.steps * eval_size,
-                            FLAGS.repeats)  # fmt: skip
+    eval_steps(timing.WARMUP_STEPS)
+    eval_img = timing.median_rate(
+        lambda: eval_steps(FLAGS.steps), FLAGS.steps * eval_size, FLAGS.repeats
+    )
 
     device = mesh.devices.flat[0]
     result = {

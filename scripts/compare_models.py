@@ -84,19 +84,14 @@ def measure(name: str) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from resnet_jax import config_checks, sharding, summary, train
-    from resnet_jax.models import create_model
+    from resnet_jax import config_checks, sharding, summary
 
     config = _config(name)
     config_checks.validate(config)
     info = summary.model_summary(config)
     num_classes = info["num_classes"]
     mesh = sharding.make_mesh(jax.devices()[:1])
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=10_000)
-    model = create_model(config.model, num_classes, config.half_precision)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-    metrics = train.empty_metrics(train.TrainMetrics, mesh)
+    state, metrics, p_train_step, _ = timing.train_setup(config, mesh, num_classes)
     size = config.image_size
 
     def batch_spec(batch_size):
@@ -113,34 +108,14 @@ def measure(name: str) -> dict[str, Any]:
         compiled[batch_size] = p_train_step.lower(state, metrics, batch_spec(batch_size)).compile()
         compile_s = time.perf_counter() - start
         temp_bytes[batch_size] = int(compiled[batch_size].memory_analysis().temp_size_in_bytes)
-    memory = compiled[FLAGS.batch_size].memory_analysis()
-    step_bytes = int(
-        memory.temp_size_in_bytes + memory.argument_size_in_bytes
-        + memory.output_size_in_bytes - memory.alias_size_in_bytes
-    )  # fmt: skip
+    step_bytes = timing.footprint_bytes(compiled[FLAGS.batch_size])
     slope = (temp_bytes[batch_sizes[1]] - temp_bytes[batch_sizes[0]]) / (
         batch_sizes[1] - batch_sizes[0]
     )
 
-    rng = np.random.default_rng(0)
-    batch = sharding.global_batch(
-        {
-            "image": rng.normal(size=(FLAGS.batch_size, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, num_classes, FLAGS.batch_size).astype(np.int32),
-        },
-        mesh,
-    )
-    step = compiled[FLAGS.batch_size]
-    holder = {"state": state, "metrics": metrics}
-
-    def train_steps(count):
-        for _ in range(count):
-            holder["state"], holder["metrics"] = step(holder["state"], holder["metrics"], batch)
-        jax.block_until_ready(holder["state"].params)
-
-    train_steps(2)  # Warm-up: the first calls also transfer and allocate.
-    rate = timing.median_rate(
-        lambda: train_steps(FLAGS.steps), FLAGS.steps * FLAGS.batch_size, FLAGS.repeats
+    batch = timing.random_batch(np.random.default_rng(0), FLAGS.batch_size, size, num_classes, mesh)
+    rate, _ = timing.train_rate(
+        compiled[FLAGS.batch_size], state, metrics, batch, FLAGS.steps, FLAGS.repeats
     )
     return {
         "model": name,

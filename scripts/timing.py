@@ -1,8 +1,12 @@
-"""What the speed scripts (benchmark.py, compare_models.py) share."""
+"""What the speed scripts (benchmark.py, compare_models.py) share: set-up and timed steps."""
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
+
+# Untimed calls before timing: the first calls also transfer and allocate.
+WARMUP_STEPS = 2
 
 
 def median_rate(run: Callable[[], None], images: int, repeats: int) -> float:
@@ -13,3 +17,64 @@ def median_rate(run: Callable[[], None], images: int, repeats: int) -> float:
         run()
         rates.append(images / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def train_setup(config: Any, mesh: Any, num_classes: int) -> tuple[Any, Any, Any, Any]:
+    """The project's fresh train state, empty train metrics, and jitted train and eval steps."""
+    from resnet_jax import train
+    from resnet_jax.models import create_model
+
+    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=10_000)
+    model = create_model(config.model, num_classes, config.half_precision)
+    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
+    p_train_step, p_eval_step = train.compile_steps(config, lr_fn, mesh)
+    return state, train.empty_metrics(train.TrainMetrics, mesh), p_train_step, p_eval_step
+
+
+def random_batch(
+    rng: Any, count: int, size: int, num_classes: int, mesh: Any, mask: bool = False
+) -> dict[str, Any]:
+    """A global batch of `count` normal-noise images per process with random labels."""
+    import numpy as np
+
+    from resnet_jax import sharding
+
+    batch = {
+        "image": rng.normal(size=(count, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, num_classes, size=count).astype(np.int32),
+    }
+    if mask:
+        batch["mask"] = np.ones(count, bool)
+    return sharding.global_batch(batch, mesh)
+
+
+def footprint_bytes(compiled: Any) -> int | None:
+    """A compiled step's bytes on its device (temporaries, arguments, outputs, less donated)."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return int(
+        memory.temp_size_in_bytes + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    )  # fmt: skip
+
+
+def train_rate(
+    step: Callable, state: Any, metrics: Any, batch: Any, steps: int, repeats: int
+) -> tuple[float, Any]:
+    """Images/s of `step` (state and metrics donated), the median of `repeats` runs of `steps`.
+
+    Returns the rate and the state after the last step (the one passed in was donated).
+    """
+    import jax
+
+    holder = {"state": state, "metrics": metrics}
+
+    def run(count: int) -> None:
+        for _ in range(count):
+            holder["state"], holder["metrics"] = step(holder["state"], holder["metrics"], batch)
+        jax.block_until_ready(holder["state"].params)
+
+    run(WARMUP_STEPS)
+    images = steps * batch["label"].shape[0]
+    return median_rate(lambda: run(steps), images, repeats), holder["state"]

@@ -17,18 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.models import cpu_conv
-from resnet_jax.models.resnet import _batch_norm, conv_init
-
-
-def _conv(features: int, size: int, dtype: Any, name: str, conv_impl: str = "xla") -> nn.Conv:
-    # Convolutions have no bias: the BatchNorm that follows each one has its own.
-    padding = ((size // 2, size // 2),) * 2
-    return nn.Conv(
-        features, (size, size), 1, padding=padding, use_bias=False, kernel_init=conv_init,
-        dtype=dtype, param_dtype=jnp.float32, name=name,
-        conv_general_dilated=cpu_conv.conv_general_dilated if conv_impl == "cpu" else None,
-    )  # fmt: skip
+from resnet_jax.models.resnet import _batch_norm, conv
 
 
 class DenseLayer(nn.Module):
@@ -45,10 +34,10 @@ class DenseLayer(nn.Module):
         norm = dict(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                     dtype=self.dtype)  # fmt: skip
         y = nn.relu(_batch_norm(name="bn1", **norm)(x))
-        y = _conv(4 * self.growth_rate, 1, self.dtype, "conv1")(y)
+        y = conv(4 * self.growth_rate, 1, 1, self.dtype, "conv1")(y)
         y = nn.relu(_batch_norm(name="bn2", **norm)(y))
         # Only the 3x3 convolutions can take cpu_conv's weight gradient.
-        return _conv(self.growth_rate, 3, self.dtype, "conv2", self.conv_impl)(y)
+        return conv(self.growth_rate, 3, 1, self.dtype, "conv2", self.conv_impl)(y)
 
 
 class Transition(nn.Module):
@@ -62,7 +51,7 @@ class Transition(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
-        x = _conv(self.features, 1, self.dtype, "conv")(nn.relu(x))
+        x = conv(self.features, 1, 1, self.dtype, "conv")(nn.relu(x))
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -99,7 +88,7 @@ class DenseNet(nn.Module):
         k = max(1, round(self.growth_rate * self.width_multiplier))
         norm = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = _conv(2 * k, 3, self.dtype, "conv1")(x)
+        x = conv(2 * k, 3, 1, self.dtype, "conv1")(x)
         for block in range(3):
             for index in range(self.layers_per_block):
                 new = DenseLayer(

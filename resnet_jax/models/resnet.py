@@ -38,6 +38,20 @@ def _batch_norm(
     )
 
 
+def conv(
+    features: int, size: int, strides: int, dtype: Any, name: str, conv_impl: str = "xla"
+) -> nn.Conv:
+    """A size x size convolution without bias (a BatchNorm follows), float32 parameters."""
+    # Explicit symmetric padding, as PyTorch pads: "SAME" would pad a stride-2 conv
+    # on the bottom/right only, and imported weights would see shifted inputs.
+    padding = ((size // 2, size // 2),) * 2
+    return nn.Conv(
+        features, (size, size), strides, padding=padding, use_bias=False,
+        kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name,
+        conv_general_dilated=cpu_conv.conv_general_dilated if conv_impl == "cpu" else None,
+    )  # fmt: skip
+
+
 class _Block(nn.Module):
     """What the two residual blocks share: settings, layer makers and the shortcut."""
 
@@ -54,16 +68,7 @@ class _Block(nn.Module):
     expansion = 1
 
     def conv(self, features: int, size: int, strides: int, name: str) -> nn.Conv:
-        # Explicit symmetric padding, as PyTorch pads: "SAME" would pad a stride-2 conv
-        # on the bottom/right only, and imported weights would see shifted inputs.
-        padding = ((size // 2, size // 2),) * 2
-        return nn.Conv(
-            features, (size, size), strides, padding=padding, use_bias=False,
-            kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-            conv_general_dilated=(
-                cpu_conv.conv_general_dilated if self.conv_impl == "cpu" else None
-            ),
-        )  # fmt: skip
+        return conv(features, size, strides, self.dtype, name, self.conv_impl)
 
     def norm(self, train: bool, name: str, last: bool = False) -> nn.BatchNorm:
         # Zero-init only where a shortcut carries the signal past the branch.
