@@ -45,8 +45,19 @@ def get_config() -> ml_collections.ConfigDict:
     # (0.5: DenseNet-BC; 1.0: no compression).
     config.model.compression = 0.5
 
-    # cifar10, cifar100 (tensorflow-datasets) or image_folder (<data_dir>/{train,test}/<class>/*).
+    # cifar10, cifar100, image_folder (<data_dir>/<split>/<class>/*) or the name of any
+    # tensorflow-datasets image classification dataset (classes from its metadata).
     config.dataset = "cifar100"
+    # Splits to train on and to evaluate on (tfds split names, or image folder subfolders).
+    config.train_split = "train"
+    config.eval_split = "test"
+    # How batches reach the devices: "device" (the training split lives on the
+    # accelerators, augmented there), "stream" (grain reads, decodes and augments files in
+    # worker processes; for datasets larger than memory; tfds datasets must be prepared as
+    # array_record) or "auto" (device when the split fits, see resnet_jax/data/__init__.py).
+    config.input = "auto"
+    # Worker processes that decode and augment on the stream path; -1: one per core.
+    config.input_workers = -1
     # tfds data directory (None: tfds's default, ~/tensorflow_datasets), or the image folder.
     config.data_dir = config_dict.placeholder(str)
     # Folder holding the dataset archive for offline preparation (cifar-100-binary.tar.gz).
@@ -56,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # whole image (CIFAR-like data); N resizes the shorter side to N and takes the central
     # crop (the ImageNet evaluation: 256, then 224 with image_size=224).
     config.eval_resize_size = 0
+    # crop_flip: zero-pad by crop_padding, random crop back, random flip (CIFAR);
+    # random_resized_crop: the Inception crop of 8-100% of the area (ImageNet; stream only).
+    config.augment = "crop_flip"
     config.crop_padding = 4
     config.random_flip = True
 

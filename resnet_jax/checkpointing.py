@@ -23,6 +23,7 @@ import hashlib
 import json
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -33,6 +34,8 @@ from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
+# The item holding the streaming input's iterator state, one JSON file per process.
+DATA_ITERATOR = "data_iterator"
 
 
 class CheckpointError(ValueError):
@@ -110,7 +113,7 @@ def create_manager(
     return ocp.CheckpointManager(
         epath.Path(workdir) / CHECKPOINT_DIR,
         options=options,
-        item_names=("model", "optimizer", "meta"),
+        item_names=("model", "optimizer", "meta", DATA_ITERATOR),
     )
 
 
@@ -120,6 +123,7 @@ def save(
     config: ml_collections.ConfigDict,
     run_info: dict[str, Any],
     metrics: dict[str, float] | None = None,
+    data_iterator: Any = None,
 ) -> int:
     """Saves `state` at its step (asynchronously; call `manager.wait_until_finished()`).
 
@@ -130,6 +134,8 @@ def save(
       run_info: JSON-able facts about the run stored in the step's metadata under their
         keys (the trainer stores "data", the input position, and "schedule").
       metrics: the evaluation of this step, if any ("top1" picks the best step).
+      data_iterator: the streaming input's grain iterator, if any: its state (one file
+        per process) is saved with the step, through grain's Orbax handler.
 
     Returns:
       The step saved.
@@ -146,13 +152,16 @@ def save(
         "optimizer_shapes": shapes(optimizer),
         "fingerprints": {"model": fingerprint(model), "optimizer": fingerprint(optimizer)},
     }
+    items = {
+        "model": ocp.args.StandardSave(model),
+        "optimizer": ocp.args.StandardSave(optimizer),
+        "meta": ocp.args.JsonSave(meta),
+    }
+    if data_iterator is not None:
+        items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(
         step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model),
-            optimizer=ocp.args.StandardSave(optimizer),
-            meta=ocp.args.JsonSave(meta),
-        ),
+        args=ocp.args.Composite(**items),
         metrics=metrics,
         force=True,
     )
@@ -370,6 +379,17 @@ def restore_for_resume(
             "--workdir (or after moving the checkpoints folder aside)."
         )
     return state, None
+
+
+def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator: Any) -> bool:
+    """Sets `iterator` to the input state saved with `step`; False if the step has none."""
+    if not (epath.Path(manager.directory) / str(step) / DATA_ITERATOR).exists():
+        return False
+    manager.restore(
+        step,
+        args=ocp.args.Composite(**{DATA_ITERATOR: grain.checkpoint.CheckpointRestore(iterator)}),
+    )
+    return True
 
 
 def select_step(manager: ocp.CheckpointManager, which: str) -> int:

@@ -18,12 +18,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags, logging  # noqa: E402
 
-from resnet_jax import checkpointing, config_checks, input_pipeline  # noqa: E402
+from resnet_jax import checkpointing, config_checks, data  # noqa: E402
 
 # Errors that mean bad input: reported as one clear line, not a traceback.
 USER_ERRORS = (
     config_checks.ConfigError,
-    input_pipeline.DatasetError,
+    data.DatasetError,
     checkpointing.CheckpointError,
     FloatingPointError,
 )

@@ -2,10 +2,12 @@
 
 import ml_collections
 
-from resnet_jax import input_pipeline
 from resnet_jax.models import validate_model_config
 
 LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
+# How batches reach the devices (resnet_jax/data/__init__.py).
+INPUT_MODES = ("auto", "device", "stream")
+AUGMENTATIONS = ("crop_flip", "random_resized_crop")
 
 
 class ConfigError(ValueError):
@@ -24,9 +26,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _require(
-        config.dataset in input_pipeline.DATASET_NAMES,
-        f"Unknown dataset {config.dataset!r}. Valid choices: "
-        f"{', '.join(input_pipeline.DATASET_NAMES)}.",
+        bool(config.dataset) and isinstance(config.dataset, str),
+        "dataset must be cifar10, cifar100, image_folder or a tensorflow-datasets name.",
+    )
+    _require(
+        config.input in INPUT_MODES,
+        f"Unknown input {config.input!r}. Valid choices: {', '.join(INPUT_MODES)}.",
+    )
+    _require(
+        config.augment in AUGMENTATIONS,
+        f"Unknown augment {config.augment!r}. Valid choices: {', '.join(AUGMENTATIONS)} "
+        "(crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data).",
+    )
+    _require(
+        not (config.input == "device" and config.augment != "crop_flip"),
+        f"input=device crops and flips the stored images only; augment={config.augment} "
+        "needs the original files: use --config.input=stream (or auto).",
+    )
+    _require(
+        config.input_workers >= -1,
+        f"input_workers={config.input_workers} must be -1 (one per core), 0 (none) or more.",
     )
     for key in (
         "batch_size",

@@ -28,7 +28,7 @@ from typing import Any
 from absl import app, flags
 
 # cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, input_pipeline  # isort: skip
+from resnet_jax import cli, data  # isort: skip
 
 import jax
 import ml_collections
@@ -322,7 +322,7 @@ def import_state_dict(
         "state_dict": str(pathlib.Path(state_dict_path).expanduser().resolve()),
         "sha256": digest,
     }
-    preprocessing = input_pipeline.preprocessing(config)
+    preprocessing = data.preprocessing(config)
     workdir_path.mkdir(parents=True, exist_ok=True)
     manager = checkpointing.create_manager(workdir_path)
     checkpointing.save(

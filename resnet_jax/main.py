@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, config_checks, input_pipeline
+from resnet_jax import cli, config_checks, data
 
 # Config files import each other (`from configs import default`).
 cli.use_checkout_configs()
@@ -72,7 +72,7 @@ def _run(config) -> None:
         _deterministic_gpu()
     if FLAGS.distributed:
         _initialize_distributed()
-    input_pipeline.hide_accelerators_from_tensorflow()
+    data.hide_accelerators_from_tensorflow()
     from resnet_jax import train
 
     if FLAGS.mode == "train":

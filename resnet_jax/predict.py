@@ -25,7 +25,7 @@ from typing import Any
 from absl import app, flags
 
 # cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, input_pipeline  # isort: skip
+from resnet_jax import cli, data  # isort: skip
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ class Classifier:
             ) from e
         config = ml_collections.ConfigDict(meta["config"])
         num_classes = meta["shapes"]["params/fc/bias"][0]
-        self.preprocessing = meta.get("preprocessing") or input_pipeline.preprocessing(config)
+        self.preprocessing = meta.get("preprocessing") or data.preprocessing(config)
         names = meta.get("class_names") or []
         if len(names) != num_classes:
             names = [f"class {i}" for i in range(num_classes)]
@@ -78,15 +78,12 @@ class Classifier:
             jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
             how_to_choose="--checkpoint=STEP",
         )
-        mean = jnp.asarray(self.preprocessing["mean"], jnp.float32)
-        std = jnp.asarray(self.preprocessing["std"], jnp.float32)
+        mean, std = self.preprocessing["mean"], self.preprocessing["std"]
         k = min(TOP_K, num_classes)
 
         @jax.jit
         def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-            # The same arithmetic as the input pipeline's normalisation, on the device.
-            x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
-            logits = model.apply(variables, x, train=False)
+            logits = model.apply(variables, data.normalize(images, mean, std), train=False)
             return jax.lax.top_k(jax.nn.softmax(logits), k)
 
         self._top_k = top_k
@@ -94,7 +91,7 @@ class Classifier:
     def read(self, path: str | os.PathLike) -> np.ndarray:
         """The image file as the model's input (uint8); DatasetError if it is unreadable."""
         p = self.preprocessing
-        return input_pipeline.read_image(path, p["image_size"], p["resize_size"])
+        return data.read_image(path, p["image_size"], p["resize_size"])
 
     def classify(self, images: np.ndarray, batch_size: int) -> list[list[dict[str, Any]]]:
         """The top classes of each uint8 image [N, H, W, 3], best first."""
@@ -127,7 +124,7 @@ def expand_paths(arguments: list[str]) -> list[pathlib.Path]:
                 sorted(
                     p
                     for p in path.rglob("*")
-                    if p.is_file() and p.suffix.lower() in input_pipeline.IMAGE_EXTENSIONS
+                    if p.is_file() and p.suffix.lower() in data.IMAGE_EXTENSIONS
                 )
             )
         else:
@@ -163,7 +160,7 @@ def _read_chunk(
     def read(path: pathlib.Path) -> tuple[np.ndarray | None, str | None]:
         try:
             return classifier.read(path), None
-        except input_pipeline.DatasetError as e:
+        except data.DatasetError as e:
             return None, str(e)
 
     for path, (image, error) in zip(paths, pool.map(read, paths), strict=True):

@@ -150,17 +150,17 @@ def confusion_step(state: Any, counts: Any, batch: dict[str, Any]) -> Any:
 
 
 def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np.ndarray, int, Any]:
-    """Evaluates checkpoint `which`: the [true, predicted] count matrix, the step, the split."""
+    """Evaluates checkpoint `which`: the [true, predicted] count matrix, the step, the input."""
     import jax
     import jax.numpy as jnp
 
     from resnet_jax import sharding, train
 
-    state, mesh, split = train.checkpoint_state(config, workdir, which, "--checkpoint=STEP")
+    state, mesh, inputs = train.checkpoint_state(config, workdir, which, "--checkpoint=STEP")
     num_classes = state.params["fc"]["bias"].shape[0]
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
-        confusion_step,
+        train.with_normalized_images(confusion_step, config),
         in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
         out_shardings=replicated,
         donate_argnums=1,
@@ -181,8 +181,8 @@ def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np
                 elapsed / done * (total - done),
             )  # fmt: skip
 
-    counts = train.eval_loop(step_fn, counts, state, split, config, mesh, on_batch=progress)
-    return np.asarray(jax.device_get(counts)), int(state.step), split
+    counts = train.eval_loop(step_fn, counts, state, inputs, config, mesh, on_batch=progress)
+    return np.asarray(jax.device_get(counts)), int(state.step), inputs
 
 
 def per_class_rows(counts: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
@@ -287,8 +287,8 @@ def write_report(
         "![training curves](curves.png)\n",
     ]
     if config is not None:
-        counts, step, split = confusion_matrix(config, workdir, which)
-        names = list(split.class_names) if len(split.class_names) == len(counts) else []
+        counts, step, inputs = confusion_matrix(config, workdir, which)
+        names = list(inputs.class_names) if len(inputs.class_names) == len(counts) else []
         names = names or [f"class {i}" for i in range(len(counts))]
         rows = per_class_rows(counts, names)
         top1 = float(np.trace(counts) / counts.sum())
@@ -324,7 +324,7 @@ def write_report(
 
 
 def _run() -> None:
-    from resnet_jax import input_pipeline, train
+    from resnet_jax import data, train
 
     workdir = train.absolute_workdir(FLAGS.workdir)
     if not workdir.is_dir():
@@ -343,7 +343,7 @@ def _run() -> None:
             from configs import from_workdir
 
             config = from_workdir.get_config(str(workdir))
-        input_pipeline.hide_accelerators_from_tensorflow()
+        data.hide_accelerators_from_tensorflow()
     summary = write_report(pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir)
     logging.info("Report written to %s", out / "index.md")
     if "top1" in summary:

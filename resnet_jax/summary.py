@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.extend import core as jax_core
 
-from resnet_jax import input_pipeline
+from resnet_jax import data
 from resnet_jax.models import create_model
 
 
@@ -50,7 +50,7 @@ def _conv_and_dense_flops(jaxpr: jax_core.Jaxpr) -> int:
 
 def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Returns parameter counts per top-level layer, totals and forward FLOPs per example."""
-    num_classes = config.model.num_classes or input_pipeline.num_classes(config)
+    num_classes = config.model.num_classes or data.num_classes(config)
     model = create_model(config.model, num_classes, config.half_precision)
     image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)

@@ -12,6 +12,7 @@ replicated value, no communication), and one step finishes feeding the next, so 
 one program with cross-process collectives is in flight at a time.
 """
 
+import contextlib
 import functools
 import json
 import signal
@@ -32,7 +33,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from resnet_jax import checkpointing, config_checks, input_pipeline, sharding
+from resnet_jax import checkpointing, config_checks, data, sharding
 from resnet_jax.models import create_model
 
 _NO_STEP = np.iinfo(np.int32).max
@@ -282,11 +283,21 @@ def create_train_state(
     return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
 
 
-def compile_eval_step(mesh: jax.sharding.Mesh) -> Callable:
+def with_normalized_images(step_fn: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`step_fn(state, carry, batch)` fed uint8 images, normalised inside the compiled step."""
+    mean, std = data.normalization(config)
+
+    def step(state: Any, carry: Any, batch: dict[str, jnp.ndarray]) -> Any:
+        return step_fn(state, carry, {**batch, "image": data.normalize(batch["image"], mean, std)})
+
+    return step
+
+
+def compile_eval_step(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> Callable:
     """The jitted eval step for `mesh` (batch sharded, state and metrics replicated)."""
     replicated = sharding.replicated(mesh)
     return jax.jit(
-        eval_step,
+        with_normalized_images(eval_step, config),
         in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
         out_shardings=replicated,
         donate_argnums=1,
@@ -299,40 +310,37 @@ def compile_steps(
     """The jitted train step (state and metrics donated) and eval step for `mesh`."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     p_train_step = jax.jit(
-        functools.partial(
-            train_step,
-            learning_rate_fn=learning_rate_fn,
-            label_smoothing=config.label_smoothing,
+        with_normalized_images(
+            functools.partial(
+                train_step,
+                learning_rate_fn=learning_rate_fn,
+                label_smoothing=config.label_smoothing,
+            ),
+            config,
         ),
         in_shardings=(replicated, replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
     )
-    return p_train_step, compile_eval_step(mesh)
+    return p_train_step, compile_eval_step(mesh, config)
 
 
 def eval_loop(
     step_fn: Callable,
     carry: Any,
     state: TrainState,
-    split: input_pipeline.DatasetSplit,
+    inputs: data.Input,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Folds `carry = step_fn(state, carry, batch)` over every padded, masked eval batch.
 
-    Every example of `split` is in exactly one batch, with mask True; `on_batch(done,
-    total)` (if given) is called after each batch, for progress.
+    Every example of the evaluation split is in exactly one batch, with mask True;
+    `on_batch(done, total)` (if given) is called after each batch, for progress.
     """
     local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    num_batches = input_pipeline.num_eval_batches(
-        split.num_examples, split.process_count, local_batch
-    )
-    mean, std = input_pipeline.normalization(config)
-    batches = input_pipeline.eval_batches(
-        split, per_process_batch_size=local_batch, num_batches=num_batches, mean=mean, std=std
-    )
+    num_batches, batches = inputs.eval_batches(local_batch)
     for index, batch in enumerate(batches):
         carry = step_fn(state, carry, sharding.global_batch(batch, mesh))
         if on_batch is not None:
@@ -343,12 +351,12 @@ def eval_loop(
 def evaluate(
     p_eval_step: Callable,
     state: TrainState,
-    split: input_pipeline.DatasetSplit,
+    inputs: data.Input,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float | int]:
-    """Top-1, top-5 and loss over every example of `split`, each counted exactly once."""
-    totals = eval_loop(p_eval_step, empty_metrics(EvalMetrics, mesh), state, split, config, mesh)
+    """Top-1, top-5 and loss over every evaluation example, each counted exactly once."""
+    totals = eval_loop(p_eval_step, empty_metrics(EvalMetrics, mesh), state, inputs, config, mesh)
     values = read_metrics(totals)
     return {k: values[k] for k in ("top1", "top5", "loss", "num_examples")}
 
@@ -414,15 +422,19 @@ class _StopRequest:
 
 def _data_position(
     config: ml_collections.ConfigDict,
-    split: input_pipeline.DatasetSplit,
+    inputs: data.Input,
     per_process_batch_size: int,
     steps_per_epoch: int,
 ) -> dict[str, Any]:
-    """What decides the order of the training batches (besides the step)."""
+    """What decides the order and content of the training batches (besides the step)."""
     return {
         "dataset": config.dataset,
-        "num_examples": split.num_examples,
-        "process_count": split.process_count,
+        "split": config.train_split,
+        "input": inputs.mode,
+        "image_size": config.image_size,
+        "augment": config.augment,
+        "num_examples": inputs.train.num_examples,
+        "process_count": inputs.train.process_count,
         "per_process_batch_size": per_process_batch_size,
         "steps_per_epoch": steps_per_epoch,
         "seed": config.seed,
@@ -433,10 +445,11 @@ def _data_position(
 
 def _resume(
     manager, state, run_info: dict[str, Any], config: ml_collections.ConfigDict
-) -> TrainState:
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """The state to start from, and the metadata of the checkpoint it came from (or None)."""
     state, meta = checkpointing.restore_for_resume(manager, state)
     if meta is None:
-        return state
+        return state, None
     if "imported" in meta and meta["step"] == 0:
         logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
     elif meta.get("data") != run_info["data"]:
@@ -464,7 +477,7 @@ def _resume(
             "Continuing from step %d on a changed learning-rate schedule (%s).",
             meta["step"], changed,
         )  # fmt: skip
-    return state
+    return state, meta
 
 
 def absolute_workdir(workdir: str | epath.Path) -> epath.Path:
@@ -485,6 +498,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       The final evaluation (also written to `workdir/eval_results.json`), or
       {"preempted": True, "step": N} after a SIGTERM.
     """
+    with contextlib.ExitStack() as cleanup:  # Stops the stream's workers, however it ends.
+        return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     workdir = absolute_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()
@@ -492,12 +512,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # wait for the first evaluation, hours in, to fail.
     local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    train_split = input_pipeline.load_split(config, "train")
-    eval_split = input_pipeline.load_split(config, "test")
-    num_classes = resolve_num_classes(config, train_split.num_classes)
-    steps_per_epoch = input_pipeline.steps_per_epoch(
-        train_split.num_examples, train_split.process_count, local_batch
-    )
+    inputs = data.open_input(config, mesh)
+    num_classes = resolve_num_classes(config, inputs.train.num_classes)
+    steps_per_epoch = inputs.steps_per_epoch(local_batch)
     num_steps = config.num_train_steps
     if num_steps <= 0:
         num_steps = max(1, int(config.num_epochs * steps_per_epoch))
@@ -507,20 +524,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_train_step, p_eval_step = compile_steps(config, learning_rate_fn, mesh)
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     run_info = {
-        "data": _data_position(config, train_split, local_batch, steps_per_epoch),
+        "data": _data_position(config, inputs, local_batch, steps_per_epoch),
         "schedule": schedule_settings(config, steps_per_epoch, num_steps),
         # For predict: what each output means and how an image file becomes an input.
-        "class_names": list(train_split.class_names),
-        "preprocessing": input_pipeline.preprocessing(config),
+        "class_names": list(inputs.class_names),
+        "preprocessing": data.preprocessing(config),
     }
-    state = _resume(manager, state, run_info, config)
+    state, resumed = _resume(manager, state, run_info, config)
     start_step = int(state.step)
 
     logging.info(
         "Training %s on %s: %d examples, %d classes, steps %d to %d (%d per epoch), global "
-        "batch %d over %d devices in %d processes.",
-        config.model.name, config.dataset, train_split.num_examples, num_classes, start_step,
+        "batch %d over %d devices in %d processes, %s input.",
+        config.model.name, config.dataset, inputs.train.num_examples, num_classes, start_step,
         num_steps, steps_per_epoch, config.batch_size, mesh.devices.size, jax.process_count(),
+        inputs.mode,
     )  # fmt: skip
     _write_json(workdir / "config.json", config.to_dict())
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -540,25 +558,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         )
 
-    mean, std = input_pipeline.normalization(config)
-    batches = input_pipeline.prefetch(
-        input_pipeline.train_batches(
-            train_split,
-            per_process_batch_size=local_batch,
-            seed=config.seed,
-            start_step=start_step,
-            mean=mean,
-            std=std,
-            crop_padding=config.crop_padding,
-            random_flip=config.random_flip,
-        )
-    )
+    batches = inputs.train_batches(local_batch, start_step)
+    data_iterator = getattr(batches, "iterator", None)
+    if data_iterator is not None and resumed and resumed.get("data") == run_info["data"]:
+        # The stream's saved state (its next step): the same batches as start_step gives.
+        checkpointing.restore_data_iterator(manager, start_step, data_iterator)
+    if hasattr(batches, "close"):
+        cleanup.callback(batches.close)
 
     def save(eval_results: dict[str, Any] | None = None) -> None:
         # Never save a diverged state: check the steps not yet logged first.
         first = jax.device_get(train_metrics.first_nonfinite_step.step)
         _check_finite(int(first), int(state.step))
-        checkpointing.save(manager, state, config, run_info, eval_results)
+        checkpointing.save(manager, state, config, run_info, eval_results, data_iterator)
 
     train_metrics = empty_metrics(TrainMetrics, mesh)
     eval_results: dict[str, Any] = {}
@@ -566,8 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with _StopRequest() as stop_requested:
         for step in range(start_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.global_batch(next(batches), mesh)
-                state, train_metrics = p_train_step(state, train_metrics, batch)
+                state, train_metrics = p_train_step(state, train_metrics, next(batches))
             for hook in hooks:
                 hook(step)
             last = step == num_steps
@@ -586,7 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 interval_start, interval_step = time.perf_counter(), step
             evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
-                eval_results = evaluate(p_eval_step, state, eval_split, config, mesh)
+                eval_results = evaluate(p_eval_step, state, inputs, config, mesh)
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_results.items()})
                 eval_results["step"] = step
             # Saving at each evaluation lets "keep the best by eval top-1" see every score.
@@ -607,7 +618,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
     writer.flush()
     if not eval_results:  # Already trained to the end: evaluate what there is.
-        eval_results = evaluate(p_eval_step, state, eval_split, config, mesh)
+        eval_results = evaluate(p_eval_step, state, inputs, config, mesh)
         eval_results["step"] = int(state.step)
     eval_results.update(model=config.model.name, dataset=config.dataset)
     _write_json(workdir / "eval_results.json", eval_results)
@@ -671,8 +682,8 @@ def checkpoint_state(
     workdir: epath.Path,
     which: str,
     how_to_choose: str = "--config.eval_checkpoint=STEP",
-) -> tuple[TrainState, jax.sharding.Mesh, input_pipeline.DatasetSplit]:
-    """The model of checkpoint `which` of `workdir` (no optimizer), with its mesh and test split.
+) -> tuple[TrainState, jax.sharding.Mesh, data.Input]:
+    """The model of checkpoint `which` of `workdir` (no optimizer), with its mesh and eval input.
 
     Only the model (params and BN statistics) is read, replicated over this machine's
     devices, whatever the device count of the run that saved it. `state.step` is the
@@ -681,8 +692,8 @@ def checkpoint_state(
     manager, step = open_checkpoint(workdir, which)
     mesh = sharding.make_mesh()
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    eval_split = input_pipeline.load_split(config, "test")
-    num_classes = resolve_num_classes(config, eval_split.num_classes)
+    inputs = data.open_input(config, mesh, train=False)
+    num_classes = resolve_num_classes(config, inputs.eval.num_classes)
     model = create_model(config.model, num_classes, config.half_precision)
     variables = restore_model(
         manager, step, model, config.image_size, sharding.replicated(mesh), how_to_choose
@@ -695,7 +706,7 @@ def checkpoint_state(
         tx=None,
         opt_state=None,
     )
-    return state, mesh, eval_split
+    return state, mesh, inputs
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -710,9 +721,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       never replaces the training run's own `eval_results.json`.
     """
     workdir = absolute_workdir(workdir)
-    state, mesh, eval_split = checkpoint_state(config, workdir, config.eval_checkpoint)
+    state, mesh, inputs = checkpoint_state(config, workdir, config.eval_checkpoint)
     step = int(state.step)
-    results = evaluate(compile_eval_step(mesh), state, eval_split, config, mesh)
+    results = evaluate(compile_eval_step(mesh, config), state, inputs, config, mesh)
     results.update(
         step=step,
         checkpoint=str(config.eval_checkpoint),

@@ -9,9 +9,9 @@ Measures, after warm-up, as medians over --repeats runs of --steps steps each:
   devices) and memory estimate (per device) for it, the device's peak memory where it
   reports one (GPU, TPU), and on known GPUs/TPUs the achieved fraction of peak FLOP/s;
 - eval: the compiled eval step, images/s;
-- input: the training input pipeline (input_pipeline.train_batches with the configured
-  crop and flip, normalised float32) on random uint8 images, images/s and images per
-  second of CPU time (per host core);
+- input: the device-resident training input (data.device.DeviceTrainBatches with the
+  configured crop and flip, uint8 batches drawn on the devices) on random uint8 images,
+  images/s and images per second of host CPU time (per host core);
 - loop: the whole training loop (train.train_and_evaluate on a generated image folder:
   data, step, metrics, logging), from its own examples/s over --loop_windows windows of
   --loop_window steps after a first window that includes compilation;
@@ -41,7 +41,7 @@ import timing  # noqa: E402  (scripts/timing.py, beside this file)
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from resnet_jax import cli, input_pipeline  # noqa: E402  (cli first: TensorFlow's logging)
+from resnet_jax import cli, data, sharding  # noqa: E402  (cli first: TensorFlow's logging)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -144,7 +144,7 @@ def bench_input(config) -> dict[str, Any]:
     batch = config.batch_size
     size = config.image_size
     count = batch * 8
-    split = input_pipeline.DatasetSplit(
+    split = data.DatasetSplit(
         images=np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8),
         labels=np.zeros(count, np.int32),
         num_examples=count,
@@ -153,17 +153,18 @@ def bench_input(config) -> dict[str, Any]:
         process_index=0,
         process_count=1,
     )
-    mean, std = input_pipeline.normalization(config)
-    batches = input_pipeline.train_batches(
-        split, per_process_batch_size=batch, seed=0, start_step=0, mean=mean, std=std,
-        crop_padding=config.crop_padding, random_flip=config.random_flip,
+    mesh = sharding.make_mesh()
+    batches = data.device.DeviceTrainBatches(
+        split, mesh, per_process_batch_size=sharding.per_process_batch_size(batch, mesh),
+        seed=0, start_step=0, crop_padding=config.crop_padding, random_flip=config.random_flip,
     )  # fmt: skip
-    next(batches)
+    next(batches)["image"].block_until_ready()
     wall, cpu = [], []
     for _ in range(FLAGS.repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(FLAGS.input_batches):
-            next(batches)
+            images = next(batches)["image"]
+        images.block_until_ready()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     images = FLAGS.input_batches * batch
@@ -265,7 +266,7 @@ def _num_classes(config) -> int:
         return config.model.num_classes
     if config.dataset == "image_folder" and not config.data_dir:
         return 4  # The generated folder's.
-    return input_pipeline.num_classes(config)
+    return data.num_classes(config)
 
 
 def _print_table(result: dict[str, Any]) -> None:

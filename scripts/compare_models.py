@@ -97,7 +97,7 @@ def measure(name: str) -> dict[str, Any]:
     def batch_spec(batch_size):
         placed = sharding.batch_sharding(mesh)
         return {
-            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32, sharding=placed),
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), np.uint8, sharding=placed),
             "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=placed),
         }
 

@@ -34,13 +34,13 @@ def train_setup(config: Any, mesh: Any, num_classes: int) -> tuple[Any, Any, Any
 def random_batch(
     rng: Any, count: int, size: int, num_classes: int, mesh: Any, mask: bool = False
 ) -> dict[str, Any]:
-    """A global batch of `count` normal-noise images per process with random labels."""
+    """A global batch of `count` uint8 noise images per process (as the inputs send) with labels."""
     import numpy as np
 
     from resnet_jax import sharding
 
     batch = {
-        "image": rng.normal(size=(count, size, size, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, num_classes, size=count).astype(np.int32),
     }
     if mask:

@@ -74,7 +74,9 @@ def write_cifar100_archive(
     return written
 
 
-def prepare_cifar100(data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
+def prepare_cifar100(
+    data_dir: str | os.PathLike, manual_dir: str | os.PathLike, file_format: str | None = None
+) -> None:
     """Prepares tfds's real cifar100 builder from a test archive in `manual_dir`.
 
     Only the checksum validation is patched: the test archive is in the official
@@ -84,6 +86,8 @@ def prepare_cifar100(data_dir: str | os.PathLike, manual_dir: str | os.PathLike)
     Args:
       data_dir: tfds data directory to prepare into.
       manual_dir: Folder holding cifar-100-binary.tar.gz.
+      file_format: tfds file format; None is tfds's default (tfrecord). The streaming
+        input reads through random access, which needs "array_record".
     """
     import tensorflow_datasets as tfds
 
@@ -97,7 +101,8 @@ def prepare_cifar100(data_dir: str | os.PathLike, manual_dir: str | os.PathLike)
         "_register_or_validate_checksums",
         record_without_validating,
     ):
-        builder = tfds.builder("cifar100", data_dir=os.fspath(data_dir))
+        extra = {"file_format": file_format} if file_format else {}
+        builder = tfds.builder("cifar100", data_dir=os.fspath(data_dir), **extra)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
         )

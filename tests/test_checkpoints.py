@@ -122,6 +122,40 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
     assert json.loads((workdir / "eval_results.json").read_text()) == reference
 
 
+STREAM = ("--config.input=stream", "--config.input_workers=2")
+
+
+@pytest.fixture(scope="module")
+def stream_reference_run(toy_folder, tmp_path_factory):
+    """An uninterrupted run on the streaming input, with two grain worker processes."""
+    workdir = tmp_path_factory.mktemp("stream_reference")
+    result = run_main(*main_args(workdir, toy_folder, *STREAM))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stream input" in result.stderr
+    return workdir
+
+
+def test_stream_input_sigkill_then_rerun_ends_bitwise_identical(
+    stream_reference_run, toy_folder, tmp_path
+):
+    workdir = tmp_path / "killed"
+    args = main_args(workdir, toy_folder, *STREAM)
+    # start_and_stop_at reads the killed run's stderr to its end, which comes only once
+    # the orphaned grain workers (they share the pipe) have noticed and exited too.
+    last_logged, _, returncode = start_and_stop_at(args, workdir, 45, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
+    latest = max(saved_steps(workdir))
+    assert latest in (40, 60, 80) and latest < last_logged < STEPS
+    state_file = workdir / "checkpoints" / str(latest) / "data_iterator" / "process_0-of-1.json"
+    assert json.loads(state_file.read_text())["next_step"] == latest
+    resumed = run_main(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from checkpoint step {latest}" in resumed.stderr
+    assert_bitwise_equal(final_arrays(workdir), final_arrays(stream_reference_run))
+    reference = json.loads((stream_reference_run / "eval_results.json").read_text())
+    assert json.loads((workdir / "eval_results.json").read_text()) == reference
+
+
 def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "preempted"
     args = main_args(workdir, toy_folder)

@@ -157,7 +157,7 @@ def test_one_train_step_moves_params_and_batch_stats():
     p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
     rng = np.random.default_rng(0)
     batch = {
-        "image": rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
+        "image": rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8),
         "label": rng.integers(0, 5, 4).astype(np.int32),
     }
     fresh = train.empty_metrics(train.TrainMetrics, mesh)

@@ -268,10 +268,22 @@ def test_bad_model_config_is_rejected_with_the_valid_choices(overrides, match):
 
 
 def test_every_shipped_config_is_valid():
-    from configs import paper_cifar10, resnet18, resnet34_cifar100, resnet50_cifar100, smoke
+    from configs import (
+        paper_cifar10,
+        resnet18,
+        resnet34_cifar100,
+        resnet50_cifar100,
+        resnet50_imagenet,
+        smoke,
+    )
 
-    for module in (resnet18, resnet34_cifar100, resnet50_cifar100, smoke):
+    for module in (resnet18, resnet34_cifar100, resnet50_cifar100, resnet50_imagenet, smoke):
         config_checks.validate(module.get_config())
+    imagenet = resnet50_imagenet.get_config()
+    assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples
+    assert (imagenet.input, imagenet.augment, imagenet.eval_split) == (
+        "stream", "random_resized_crop", "validation",
+    )  # fmt: skip
     for depth in ("20", "56", "110"):
         config = paper_cifar10.get_config(depth)
         config_checks.validate(config)

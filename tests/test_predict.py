@@ -12,7 +12,7 @@ from helpers import ROOT, main_environment, tiny_state
 from PIL import Image
 
 from configs import smoke
-from resnet_jax import checkpointing, input_pipeline, predict, sharding
+from resnet_jax import checkpointing, data, predict, sharding
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
     state = state.replace(step=jnp.asarray(5, jnp.int32))
     manager = checkpointing.create_manager(workdir)
-    run_info = {"class_names": CLASSES, "preprocessing": input_pipeline.preprocessing(config)}
+    run_info = {"class_names": CLASSES, "preprocessing": data.preprocessing(config)}
     checkpointing.save(manager, state, config, run_info)
     manager.wait_until_finished()
     return workdir, config, state
@@ -52,11 +52,11 @@ def test_classifies_as_the_evaluation_preprocesses(run, tmp_path):
     tops = classifier.classify(np.stack([classifier.read(p) for p in paths]), batch_size=4)
 
     # The evaluation's path: the image-folder reader, the pipeline's normalisation, the model.
-    mean, std = input_pipeline.normalization(config)
-    images = np.stack([input_pipeline.read_image(p, config.image_size) for p in paths])
+    mean, std = data.normalization(config)
+    images = np.stack([data.read_image(p, config.image_size) for p in paths])
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats},
-        input_pipeline._normalize(images, mean, std),
+        data.normalize(images, mean, std),
         train=False,
     )
     probs = np.asarray(jax.nn.softmax(logits))

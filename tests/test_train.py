@@ -11,7 +11,7 @@ import pytest
 from helpers import run_main, tiny_state
 
 from configs import default, smoke
-from resnet_jax import config_checks, input_pipeline, sharding, train
+from resnet_jax import config_checks, data, sharding, train
 from resnet_jax.models import create_model
 
 
@@ -25,7 +25,8 @@ def tiny_config(**overrides):
 def random_batch(batch_size=8, size=16, num_classes=5, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+        # uint8, as every input path sends them; the step normalises.
+        "image": rng.integers(0, 256, size=(batch_size, size, size, 3), dtype=np.uint8),
         "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
     }
 
@@ -81,12 +82,13 @@ def test_batch_norm_statistics_are_over_the_global_batch():
     mesh = sharding.make_mesh()
     state, lr_fn = tiny_state(config, mesh)
     batch = random_batch()
-    # Shift one device's quarter of the batch: a per-device mean would miss it elsewhere.
-    batch["image"][:2] += 5.0
+    # Darken one device's quarter of the batch: a per-device mean would miss it elsewhere.
+    batch["image"][:2] //= 8
     model = create_model(config.model, 5)
     _, updates = model.apply(
         {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)},
-        batch["image"], train=True, mutable=["batch_stats"],
+        data.normalize(batch["image"], *data.normalization(config)),
+        train=True, mutable=["batch_stats"],
     )  # fmt: skip
     p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
     fresh = train.empty_metrics(train.TrainMetrics, mesh)
@@ -203,13 +205,14 @@ def test_evaluation_counts_every_example_exactly_once(cifar):
     config.data_dir, config.manual_dir = str(root / "data"), str(root / "manual")
     config.eval_batch_size = 8  # 37 = 4 * 8 + 5: the last batch is padded.
     mesh = sharding.make_mesh()
-    split = input_pipeline.load_split(config, "test")
+    inputs = data.open_input(config, mesh, train=False)
+    assert inputs.mode == "device"
     state, lr_fn = tiny_state(config, mesh, num_classes=100)
     _, p_eval_step = train.compile_steps(config, lr_fn, mesh)
-    results = train.evaluate(p_eval_step, state, split, config, mesh)
+    results = train.evaluate(p_eval_step, state, inputs, config, mesh)
     assert results["num_examples"] == 37
     # The same numbers computed directly over the 37 examples, unbatched.
-    mean, std = input_pipeline.normalization(config)
+    mean, std = data.normalization(config)
     images = (written["test"]["images"] / 255.0 - mean) / std
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False

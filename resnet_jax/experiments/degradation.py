@@ -107,9 +107,9 @@ def train_runs(config: ml_collections.ConfigDict, root: pathlib.Path, names: lis
     Raises:
       ExperimentError: a run was stopped by SIGTERM (it saved a checkpoint; rerun).
     """
-    from resnet_jax import config_checks, input_pipeline, train
+    from resnet_jax import config_checks, data, train
 
-    input_pipeline.hide_accelerators_from_tensorflow()
+    data.hide_accelerators_from_tensorflow()
     for index, name in enumerate(names):
         run = run_config(config, name)
         config_checks.validate(run)
@@ -208,10 +208,10 @@ def run_experiment(
     train_runs(config, root, names)
     runs = collect(root, names, config)
     out.mkdir(parents=True, exist_ok=True)
-    data = config.dataset
-    if data == "image_folder" and config.data_dir:
-        data = f"{pathlib.Path(config.data_dir).name} (image folder)"
-    plot(runs, out / "degradation.png", f"{data}: plain vs residual nets, by depth")
+    dataset = config.dataset
+    if dataset == "image_folder" and config.data_dir:
+        dataset = f"{pathlib.Path(config.data_dir).name} (image folder)"
+    plot(runs, out / "degradation.png", f"{dataset}: plain vs residual nets, by depth")
     (out / "degradation.md").write_text(table(runs))
     (out / "degradation.json").write_text(
         json.dumps({"dataset": config.dataset, "runs": runs}, indent=1) + "\n"

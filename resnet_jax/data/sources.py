@@ -1,10 +1,10 @@
-"""Datasets in host memory and deterministic numpy batches.
+"""Where examples come from: tfds datasets, image folders, image files.
 
-tensorflow-datasets prepares CIFAR once; after that each process keeps only its
-shard of a split in host memory as uint8 (CIFAR-100 train is 150 MB), and
-batches are cut and augmented in numpy. The train batch at step s is a pure
-function of (data, seed, s, process_index), so a run resumed at step s sees
-exactly the batches an uninterrupted run would have seen.
+tensorflow-datasets prepares CIFAR once; after that `load_split` keeps each
+process's shard of a split in host memory as uint8 (CIFAR-100 train is 150 MB),
+ready to be placed on the devices (`data.device`). Image folders are listed here
+and decoded with PIL, file by file (`read_image`), which names any file it
+cannot read.
 
 TensorFlow is only used by tfds to prepare and read the records; it is kept off
 the accelerators, which belong to JAX.
@@ -17,11 +17,8 @@ import dataclasses
 import math
 import os
 import pathlib
-import queue
 import socket
-import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,8 +26,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageOps
 
+# Built in: statistics and offline instructions known. Any other name is looked up in
+# tensorflow-datasets' catalogue (mnist, food101, imagenet2012, ...).
 DATASET_NAMES = ("cifar10", "cifar100", "image_folder")
-SPLITS = ("train", "test")
 
 # Extensions PIL decodes out of the box; other files in a class folder (README,
 # .DS_Store, ...) are ignored rather than treated as broken images.
@@ -38,7 +36,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 _CIFAR_HOST = "www.cs.toronto.edu"
-_CIFAR_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +60,8 @@ _DATASETS = {
     ),
     "image_folder": _DatasetInfo(None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Other tfds datasets are normalised with ImageNet's statistics, as image folders are.
+_OTHER_TFDS = dataclasses.replace(_DATASETS["image_folder"])
 
 
 class DatasetError(ValueError):
@@ -93,24 +92,54 @@ class DatasetSplit:
 
 
 def _dataset_info(config: Any) -> _DatasetInfo:
-    name = config.dataset
-    if name not in _DATASETS:
+    return _DATASETS.get(config.dataset, _OTHER_TFDS)
+
+
+def tfds_builder(config: Any) -> Any:
+    """tfds's builder of `config.dataset` in `config.data_dir` (nothing is prepared).
+
+    Raises:
+      DatasetError: no such dataset in tfds's catalogue, or one without an "image"
+        and a class "label" feature.
+    """
+    try:
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
         raise DatasetError(
-            f"Unknown dataset {name!r}: config.dataset must be one of {DATASET_NAMES}, "
-            f"for example --config.dataset=cifar100."
+            f"Unknown dataset {config.dataset!r}: config.dataset must be image_folder or "
+            f"the name of a tensorflow-datasets image classification dataset (cifar10, "
+            f"cifar100, imagenet2012, ...; see https://www.tensorflow.org/datasets/catalog)."
+        ) from e
+    features = builder.info.features
+    label = features["label"] if "label" in features else None
+    if "image" not in features or not isinstance(label, tfds.features.ClassLabel):
+        raise DatasetError(
+            f"tfds dataset {config.dataset!r} is not an image classification dataset: it "
+            f"needs an 'image' feature and a class 'label' feature, it has {list(features)}."
         )
-    return _DATASETS[name]
+    return builder
+
+
+def class_names(config: Any) -> tuple[str, ...]:
+    """The name of each class of `config.dataset`, by label, without preparing anything.
+
+    Raises:
+      DatasetError: Unknown dataset name, or an image folder that is missing.
+    """
+    if config.dataset == "image_folder":
+        return tuple(_class_folders(_image_folder_split_dir(config, "train")))
+    return tuple(tfds_builder(config).info.features["label"].names)
 
 
 def num_classes(config: Any) -> int:
     """Returns the number of classes of `config.dataset` without preparing anything.
 
     Args:
-      config: Needs `dataset`, and `data_dir` for image folders.
+      config: Needs `dataset`, `data_dir`.
 
     Returns:
-      10 for cifar10, 100 for cifar100, the number of class folders in
-      `<data_dir>/train` for image_folder.
+      10 for cifar10, 100 for cifar100, the label count in a tfds dataset's metadata,
+      the number of class folders in `<data_dir>/train` for image_folder.
 
     Raises:
       DatasetError: Unknown dataset name, or an image folder that is missing.
@@ -118,7 +147,18 @@ def num_classes(config: Any) -> int:
     info = _dataset_info(config)
     if info.num_classes is not None:
         return info.num_classes
-    return len(_class_folders(_image_folder_split_dir(config, "train")))
+    return len(class_names(config))
+
+
+def count_examples(config: Any, split: str) -> int:
+    """Examples in `split`, from tfds's metadata or the folder's file list; nothing decoded.
+
+    A tfds dataset is prepared first if it is not yet (as `load_split` would).
+    """
+    if config.dataset == "image_folder":
+        split_dir = _image_folder_split_dir(config, split)
+        return sum(len(_list_images(split_dir / name)) for name in _class_folders(split_dir))
+    return _split_info(prepared_builder(config), config, split).num_examples
 
 
 def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +210,8 @@ def load_split(
     Args:
       config: Needs `dataset`, `data_dir`, `manual_dir`, `image_size` and (for image
         folders) `eval_resize_size`.
-      split: "train" or "test".
+      split: A split of the tfds dataset ("train", "test", "validation", ...), or a
+        subfolder of the image folder.
       process_index: This process; defaults to `jax.process_index()`.
       process_count: Number of processes; defaults to `jax.process_count()`.
 
@@ -182,9 +223,6 @@ def load_split(
         dataset that cannot be downloaded, a missing or malformed image folder,
         an unreadable image file.
     """
-    info = _dataset_info(config)
-    if split not in SPLITS:
-        raise DatasetError(f"Unknown split {split!r}: use one of {SPLITS}.")
     if process_index is None:
         process_index = jax.process_index()
     if process_count is None:
@@ -198,21 +236,21 @@ def load_split(
         raise DatasetError(f"config.image_size={image_size} must be positive, e.g. 32.")
 
     if config.dataset == "image_folder":
-        images, labels, num_examples, class_names = _load_image_folder(
+        images, labels, num_examples, names = _load_image_folder(
             config, split, process_index, process_count, image_size
         )
     else:
-        images, labels, num_examples, class_names = _load_tfds(
-            config, info, split, process_index, process_count
+        images, labels, num_examples, names = _load_tfds(
+            config, split, process_index, process_count
         )
-        if image_size != _CIFAR_SIZE:
+        if images.shape[1:3] != (image_size, image_size):
             images = _resize_all(images, image_size)
     return DatasetSplit(
         images=images,
         labels=labels,
         num_examples=num_examples,
-        num_classes=len(class_names),
-        class_names=class_names,
+        num_classes=len(names),
+        class_names=names,
         process_index=process_index,
         process_count=process_count,
     )
@@ -234,6 +272,14 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def _offline_help(config: Any, info: _DatasetInfo, builder: Any, reason: str) -> str:
+    if info.archive is None:
+        return (
+            f"Cannot prepare tfds dataset {config.dataset!r}: {reason}. Some datasets "
+            f"(imagenet2012, ...) must be downloaded by hand: follow the instructions at "
+            f"https://www.tensorflow.org/datasets/catalog/{config.dataset}, put the files in "
+            f"a folder and pass it as --config.manual_dir. The prepared dataset is stored in "
+            f"{builder.data_dir} and reused afterwards."
+        )
     # tfds looks in <data_dir>/downloads/manual when manual_dir is not given, so
     # that folder works with or without the flag.
     folder = config.manual_dir or os.fspath(builder.data_dir_root / "downloads" / "manual")
@@ -259,7 +305,7 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
     manual_dir = config.manual_dir
     # epath, not pathlib: tfds data dirs (and so the default manual dir) may be gs:// URLs.
     effective_manual_dir = epath.Path(manual_dir or builder.data_dir_root / "downloads" / "manual")
-    have_archive = (effective_manual_dir / info.archive).is_file()
+    have_archive = info.archive is None or (effective_manual_dir / info.archive).is_file()
     behind_proxy = any(
         os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
     )
@@ -275,6 +321,10 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
     try:
         builder.download_and_prepare(download_config=download_config)
     except tfds.core.download.download_manager.NonMatchingChecksumError as e:
+        if info.archive is None:
+            raise DatasetError(
+                _offline_help(config, info, builder, f"a checksum failed: {e}")
+            ) from e
         raise DatasetError(
             f"The {info.archive} that tensorflow-datasets used has the wrong checksum, so it "
             f"is incomplete or not the official file. Download {info.archive} again from "
@@ -289,6 +339,9 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
             return
         import requests  # tfds downloads with it.
 
+        if info.archive is None:
+            # Manual-download datasets fail with an AssertionError naming the folder.
+            raise DatasetError(_offline_help(config, info, builder, f"tfds says: {e}")) from e
         if isinstance(e, tfds.download.DownloadError | requests.exceptions.RequestException):
             raise DatasetError(
                 _offline_help(config, info, builder, f"the download failed ({e})")
@@ -296,22 +349,54 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
         raise
 
 
-def _load_tfds(
-    config: Any, info: _DatasetInfo, split: str, process_index: int, process_count: int
-) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+def prepared_builder(config: Any, file_format: str | None = None) -> Any:
+    """tfds's builder of `config.dataset`, prepared (downloaded, or from manual_dir) if needed.
+
+    Args:
+      config: Needs `dataset`, `data_dir`, `manual_dir`.
+      file_format: How to store a dataset prepared here ("array_record" for the
+        streaming path); None is tfds's default. An already prepared dataset is used
+        as it is.
+    """
     hide_accelerators_from_tensorflow()
-    builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+    builder = tfds_builder(config)
     if not builder.is_prepared():
-        _prepare(builder, config, info)
-        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
-    num_examples = builder.info.splits[split].num_examples
-    class_names = tuple(builder.info.features["label"].names)
+        if file_format is not None:
+            builder = tfds.builder(
+                config.dataset, data_dir=config.data_dir, file_format=file_format
+            )
+        _prepare(builder, config, _dataset_info(config))
+        builder = tfds_builder(config)
+    return builder
+
+
+def _split_info(builder: Any, config: Any, split: str) -> Any:
+    if split not in builder.info.splits:
+        raise DatasetError(
+            f"tfds dataset {config.dataset!r} has no split {split!r}; it has "
+            f"{sorted(builder.info.splits)}: set --config.train_split / --config.eval_split."
+        )
+    return builder.info.splits[split]
+
+
+def _load_tfds(
+    config: Any, split: str, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+    builder = prepared_builder(config)
+    num_examples = _split_info(builder, config, split).num_examples
+    names = tuple(builder.info.features["label"].names)
+    shape = builder.info.features["image"].shape
+    if None in shape[:2]:
+        raise DatasetError(
+            f"tfds dataset {config.dataset!r} has images of varying sizes, which are not "
+            f"held in memory: use --config.input=stream."
+        )
     start, stop = _shard_bounds(num_examples, process_index, process_count)
     if start == stop:
         # tfds rejects empty slices; a process may still own no example of a
         # tiny split and must then take part in evaluation with padding only.
-        empty = np.zeros((0, _CIFAR_SIZE, _CIFAR_SIZE, 3), np.uint8)
-        return empty, np.zeros((0,), np.int32), num_examples, class_names
+        empty = np.zeros((0, *shape[:2], 3), np.uint8)
+        return empty, np.zeros((0,), np.int32), num_examples, names
     data = tfds.as_numpy(
         builder.as_dataset(
             split=f"{split}[{start}:{stop}]",
@@ -323,8 +408,10 @@ def _load_tfds(
         )
     )
     images = np.ascontiguousarray(data["image"], dtype=np.uint8)
+    if images.shape[-1] == 1:  # Grayscale (mnist, ...): the same value in R, G and B.
+        images = np.repeat(images, 3, axis=-1)
     labels = np.asarray(data["label"], dtype=np.int32)
-    return images, labels, num_examples, class_names
+    return images, labels, num_examples, names
 
 
 # ----------------------------------------------------------------------------
@@ -507,7 +594,7 @@ def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Batches.
+# How a split divides into batches.
 
 
 def steps_per_epoch(num_examples: int, process_count: int, per_process_batch_size: int) -> int:
@@ -557,239 +644,3 @@ def num_eval_batches(num_examples: int, process_count: int, per_process_batch_si
     if per_process_batch_size <= 0:
         raise DatasetError(f"per-process batch size {per_process_batch_size} must be positive.")
     return math.ceil(math.ceil(num_examples / process_count) / per_process_batch_size)
-
-
-def _as_channel_stats(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float32).reshape(-1)
-    if array.shape != (3,):
-        raise DatasetError(f"{name} must have one value per RGB channel, got {value!r}.")
-    return array
-
-
-def _normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) / np.float32(255.0) - mean) / std
-
-
-def _augment(
-    images: np.ndarray, rng: np.random.Generator, crop_padding: int, random_flip: bool
-) -> np.ndarray:
-    """Random crop of the zero-padded images and random horizontal flip, as one gather."""
-    batch, height, width, _ = images.shape
-    rows = np.broadcast_to(np.arange(height), (batch, height))
-    cols = np.broadcast_to(np.arange(width), (batch, width))
-    if crop_padding > 0:
-        p = crop_padding
-        images = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        offsets = rng.integers(0, 2 * p + 1, size=(batch, 2))
-        rows = rows + offsets[:, :1]
-        cols = cols + offsets[:, 1:]
-    if random_flip:
-        flip = rng.random(batch) < 0.5
-        cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    index = np.arange(batch)[:, None, None]
-    return images[index, rows[:, :, None], cols[:, None, :]]
-
-
-def train_batches(
-    split: DatasetSplit,
-    *,
-    per_process_batch_size: int,
-    seed: int,
-    start_step: int,
-    mean: Any,
-    std: Any,
-    crop_padding: int = 4,
-    random_flip: bool = True,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this process's train batches forever, from global step `start_step`.
-
-    Step s belongs to epoch e = s // steps_per_epoch. Epoch e visits this
-    process's shard in an order drawn from (seed, e, process_index), dropping the
-    remainder; the augmentation of step s is drawn from (seed, s, process_index).
-    So the batch of step s does not depend on where the iterator started.
-
-    Args:
-      split: This process's shard.
-      per_process_batch_size: Examples per batch.
-      seed: Data seed (non-negative).
-      start_step: Global step of the first batch (non-negative).
-      mean: Per-channel mean, [0, 1] units, shape (3,).
-      std: Per-channel std, [0, 1] units, shape (3,).
-      crop_padding: Zero padding on each side before the random crop back to
-        the image size; 0 disables cropping.
-      random_flip: Whether to flip horizontally with probability 1/2.
-
-    Returns:
-      An endless iterator of {"image": float32 [B, H, W, 3] normalised,
-      "label": int32 [B]}. Arguments are checked at the call, not at the first
-      batch.
-    """
-    if seed < 0 or start_step < 0:
-        raise DatasetError(f"seed={seed} and start_step={start_step} must be non-negative.")
-    if crop_padding < 0:
-        raise DatasetError(f"crop_padding={crop_padding} must be >= 0.")
-    mean = _as_channel_stats(mean, "mean")
-    std = _as_channel_stats(std, "std")
-    batch = per_process_batch_size
-    steps = steps_per_epoch(split.num_examples, split.process_count, batch)
-    return _train_batches(
-        split, batch, steps, seed, start_step, mean, std, crop_padding, random_flip
-    )
-
-
-# Distinct stream tags keep the shuffle of epoch e and the augmentation of step s
-# (often equal numbers) from drawing the same random stream.
-_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
-
-
-def _train_batches(
-    split: DatasetSplit,
-    batch: int,
-    steps: int,
-    seed: int,
-    step: int,
-    mean: np.ndarray,
-    std: np.ndarray,
-    crop_padding: int,
-    random_flip: bool,
-) -> Iterator[dict[str, np.ndarray]]:
-    num_local = len(split.labels)
-    epoch, order = -1, None
-    while True:
-        step_epoch, index_in_epoch = divmod(step, steps)
-        if step_epoch != epoch:
-            epoch = step_epoch
-            rng = np.random.default_rng([seed, _SHUFFLE_STREAM, epoch, split.process_index])
-            order = rng.permutation(num_local)
-        indices = order[index_in_epoch * batch : (index_in_epoch + 1) * batch]
-        images = split.images[indices]
-        if crop_padding > 0 or random_flip:
-            rng = np.random.default_rng([seed, _AUGMENT_STREAM, step, split.process_index])
-            images = _augment(images, rng, crop_padding, random_flip)
-        yield {"image": _normalize(images, mean, std), "label": split.labels[indices]}
-        step += 1
-
-
-def eval_batches(
-    split: DatasetSplit,
-    *,
-    per_process_batch_size: int,
-    num_batches: int,
-    mean: Any,
-    std: Any,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields every example of this process's shard once, in order, padded and masked.
-
-    Args:
-      split: This process's shard.
-      per_process_batch_size: Examples per batch.
-      num_batches: Batches to yield, the same in every process (see
-        `num_eval_batches`); batches past the end of the shard are all padding.
-      mean: Per-channel mean, [0, 1] units, shape (3,).
-      std: Per-channel std, [0, 1] units, shape (3,).
-
-    Returns:
-      An iterator of `num_batches` dicts: "image" float32 [B, H, W, 3]
-      normalised (zeros where padded), "label" int32 [B] (0 where padded) and
-      "mask" bool [B] (False where padded).
-
-    Raises:
-      DatasetError: num_batches is too small to cover the shard.
-    """
-    batch = per_process_batch_size
-    if batch <= 0:
-        raise DatasetError(f"per-process batch size {batch} must be positive.")
-    num_local = len(split.labels)
-    if num_batches * batch < num_local:
-        raise DatasetError(
-            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
-            f"this process: compute num_batches with num_eval_batches()."
-        )
-    mean = _as_channel_stats(mean, "mean")
-    std = _as_channel_stats(std, "std")
-    return _eval_batches(split, batch, num_batches, mean, std)
-
-
-def _eval_batches(
-    split: DatasetSplit, batch: int, num_batches: int, mean: np.ndarray, std: np.ndarray
-) -> Iterator[dict[str, np.ndarray]]:
-    shape = split.images.shape[1:]
-    for b in range(num_batches):
-        images = split.images[b * batch : (b + 1) * batch]
-        count = len(images)
-        image = np.zeros((batch, *shape), np.float32)
-        label = np.zeros((batch,), np.int32)
-        image[:count] = _normalize(images, mean, std)
-        label[:count] = split.labels[b * batch : (b + 1) * batch]
-        yield {"image": image, "label": label, "mask": np.arange(batch) < count}
-
-
-# ----------------------------------------------------------------------------
-# Prefetch.
-
-T = TypeVar("T")
-
-
-class _Raised:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_DONE = object()
-
-
-def prefetch(iterator: Iterable[T], buffer_size: int = 2) -> Iterator[T]:
-    """Runs `iterator` ahead in a background thread, `buffer_size` items deep.
-
-    The thread starts at once, so the first batches are being made while the
-    caller still sets up. An exception raised by `iterator` is re-raised in the
-    consumer. The thread is a daemon so it never keeps the program from exiting,
-    and it stops producing once the returned iterator is closed or collected.
-
-    Args:
-      iterator: Items to produce (typically `train_batches(...)`).
-      buffer_size: Items produced ahead of the consumer (at least 1).
-
-    Returns:
-      An iterator over the same items.
-    """
-    if buffer_size < 1:
-        raise ValueError(f"buffer_size={buffer_size} must be >= 1.")
-    items: queue.Queue = queue.Queue(maxsize=buffer_size)
-    stop = threading.Event()
-
-    def put(item: Any) -> bool:
-        # Time out now and then to notice a consumer that has gone away.
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                if not put(item):
-                    return
-        except BaseException as e:  # noqa: B036 - handed to the consumer, not swallowed.
-            put(_Raised(e))
-            return
-        put(_DONE)
-
-    threading.Thread(target=produce, name="prefetch", daemon=True).start()
-
-    def consume() -> Iterator[T]:
-        try:
-            while True:
-                item = items.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, _Raised):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-
-    return consume()

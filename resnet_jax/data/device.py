@@ -1,0 +1,254 @@
+"""The device-resident input path, for datasets that fit in accelerator memory.
+
+Each process loads its shard of the training split once (`sources.load_split`) and
+places it, uint8, on every one of its devices. From then on the host sends nothing:
+one compiled program per step picks the examples of the step from an epoch order
+kept on the devices, pads, crops and flips them, and hands the train step a uint8
+batch already split over the devices. The order of each epoch is drawn once, at the
+epoch's first step, by another small compiled program.
+
+The batch of step s is the one the process-level definition gives, whatever the
+number of local devices: process p's epoch e visits its shard in an order drawn from
+(seed, e, p), and the crop offsets and flips of step s are drawn from (seed, s, p)
+for the whole per-process batch; each device takes its slice. So a resumed run sees
+exactly the batches of an uninterrupted one, and 1 or 8 devices of one process train
+on the same batches.
+
+Evaluation batches come from the same in-memory split, as uint8 (`eval_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from resnet_jax import sharding
+from resnet_jax.data.sources import DatasetError, DatasetSplit, steps_per_epoch
+
+# Distinct stream tags keep the shuffle of epoch e and the augmentation of step s
+# (often equal numbers) from drawing the same random numbers.
+_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+
+
+def split_bytes(num_examples: int, image_size: int, process_count: int = 1) -> int:
+    """Bytes one device holds for a training split of `num_examples` RGB uint8 squares."""
+    return math.ceil(num_examples / process_count) * image_size * image_size * 3
+
+
+def _local_positions(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, int]:
+    """For each device of `mesh` in order: its process and its rank among that process's devices.
+
+    Returns:
+      (process, local_rank, local_count), the first two int32 [num_devices].
+
+    Raises:
+      DatasetError: the processes do not all have the same number of devices.
+    """
+    devices = list(mesh.devices.flat)
+    process = np.asarray([d.process_index for d in devices], np.int32)
+    counts = np.bincount(process)
+    if len(set(counts[counts > 0].tolist())) != 1:
+        raise DatasetError(
+            f"The device-resident input needs the same number of devices in every process, "
+            f"got {counts.tolist()}: use --config.input=stream."
+        )
+    local_rank = np.zeros(len(devices), np.int32)
+    seen: dict[int, int] = {}
+    for i, p in enumerate(process.tolist()):
+        local_rank[i] = seen.get(p, 0)
+        seen[p] = local_rank[i] + 1
+    return process, local_rank, int(counts.max())
+
+
+def _on_every_local_device(value: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global array [num_devices, *value.shape]: row d is `value` of device d's process."""
+    spec = jax.sharding.NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS))
+    shape = (mesh.devices.size, *value.shape)
+    local = [jax.device_put(value[None], d) for d in mesh.devices.flat if d in mesh.local_devices]
+    return jax.make_array_from_single_device_arrays(shape, spec, local)
+
+
+def draw_augmentation(
+    key: jax.Array, batch: int, crop_padding: int, random_flip: bool
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Crop offsets int32 [batch, 2] and flips bool [batch] drawn from `key`.
+
+    Offsets are uniform in [0, 2 * crop_padding] on each axis, a flip has probability
+    1/2 (never with random_flip False): the CIFAR augmentation of the paper (section 4.2).
+    """
+    offset_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(offset_key, (batch, 2), 0, 2 * crop_padding + 1)
+    flips = jax.random.bernoulli(flip_key, 0.5, (batch,)) & random_flip
+    return offsets, flips
+
+
+def apply_augmentation(
+    images: jnp.ndarray, offsets: jnp.ndarray, flips: jnp.ndarray, crop_padding: int
+) -> jnp.ndarray:
+    """Each image zero-padded by `crop_padding`, cropped back at its offset, maybe flipped."""
+    _, height, width, channels = images.shape
+    p = crop_padding
+    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    cropped = jax.vmap(
+        lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (height, width, channels))
+    )(padded, offsets)
+    return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
+
+
+class DeviceTrainBatches:
+    """Train batches drawn on the devices from a split held there; see the module docstring.
+
+    Iterating yields {"image": uint8 [B, H, W, 3], "label": int32 [B]} as global arrays
+    sharded over the mesh's "data" axis, forever, starting at global step `start_step`.
+    """
+
+    def __init__(
+        self,
+        split: DatasetSplit,
+        mesh: Mesh,
+        *,
+        per_process_batch_size: int,
+        seed: int,
+        start_step: int,
+        crop_padding: int = 4,
+        random_flip: bool = True,
+    ):
+        if seed < 0 or start_step < 0:
+            raise DatasetError(f"seed={seed} and start_step={start_step} must be non-negative.")
+        if crop_padding < 0:
+            raise DatasetError(f"crop_padding={crop_padding} must be >= 0.")
+        process, local_rank, local_count = _local_positions(mesh)
+        batch = per_process_batch_size
+        if batch % local_count:
+            raise DatasetError(
+                f"per-process batch size {batch} is not divisible by the {local_count} "
+                f"devices of each process."
+            )
+        self.steps_per_epoch = steps_per_epoch(split.num_examples, split.process_count, batch)
+        self.step = start_step
+        self._epoch = -1
+        num_max = math.ceil(split.num_examples / split.process_count)
+        num_local = len(split.labels)
+        images = np.zeros((num_max, *split.images.shape[1:]), np.uint8)
+        labels = np.zeros((num_max,), np.int32)
+        images[:num_local], labels[:num_local] = split.images, split.labels
+        self._images = _on_every_local_device(images, mesh)
+        self._labels = _on_every_local_device(labels, mesh)
+        self._sizes = _on_every_local_device(np.asarray(num_local, np.int32), mesh)
+        self._order = None
+
+        data = PartitionSpec(sharding.DATA_AXIS)
+        replicated = sharding.replicated(mesh)
+        spe = self.steps_per_epoch
+        per_device = batch // local_count
+        root = jax.random.key(seed)
+
+        def position() -> tuple[jnp.ndarray, jnp.ndarray]:
+            d = jax.lax.axis_index(sharding.DATA_AXIS)
+            return jnp.asarray(process)[d], jnp.asarray(local_rank)[d]
+
+        def order(sizes: jnp.ndarray, epoch: jnp.ndarray) -> jnp.ndarray:
+            p, _ = position()
+            key = jax.random.fold_in(jax.random.fold_in(root, _SHUFFLE_STREAM), epoch)
+            permutation = jax.random.permutation(jax.random.fold_in(key, p), num_max)
+            # Padding rows (past this process's shard) move to the end, keeping the
+            # order of the rest: a uniform permutation of the shard comes first.
+            valid_first = jnp.argsort(permutation >= sizes[0], stable=True)
+            return permutation[valid_first][None]
+
+        def draw(images, labels, order, step):
+            p, rank = position()
+            start = (step % spe) * batch + rank * per_device
+            rows = jax.lax.dynamic_slice(order[0], (start,), (per_device,))
+            picked = images[0][rows]
+            if crop_padding > 0 or random_flip:
+                key = jax.random.fold_in(jax.random.fold_in(root, _AUGMENT_STREAM), step)
+                # Drawn for the whole per-process batch, then sliced: the same batch
+                # whatever the number of local devices.
+                offsets, flips = draw_augmentation(
+                    jax.random.fold_in(key, p), batch, crop_padding, random_flip
+                )
+                picked = apply_augmentation(
+                    picked,
+                    jax.lax.dynamic_slice_in_dim(offsets, rank * per_device, per_device),
+                    jax.lax.dynamic_slice_in_dim(flips, rank * per_device, per_device),
+                    crop_padding,
+                )
+            return picked, labels[0][rows], step + 1
+
+        self._order_fn = jax.jit(
+            jax.shard_map(order, mesh=mesh, in_specs=(data, PartitionSpec()), out_specs=data)
+        )
+        self._draw_fn = jax.jit(
+            jax.shard_map(
+                draw,
+                mesh=mesh,
+                in_specs=(data, data, data, PartitionSpec()),
+                out_specs=(data, data, PartitionSpec()),
+            ),
+            donate_argnums=3,
+        )
+        # The step counter lives on the devices; only the epoch crosses from the host.
+        self._step = jax.device_put(np.asarray(start_step, np.int32), replicated)
+
+    def __iter__(self) -> DeviceTrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        epoch = self.step // self.steps_per_epoch
+        if epoch != self._epoch:
+            self._order = self._order_fn(self._sizes, np.int32(epoch))
+            self._epoch = epoch
+        images, labels, self._step = self._draw_fn(
+            self._images, self._labels, self._order, self._step
+        )
+        self.step += 1
+        return {"image": images, "label": labels}
+
+
+def eval_batches(
+    split: DatasetSplit, *, per_process_batch_size: int, num_batches: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields every example of this process's shard once, in order, padded and masked.
+
+    Args:
+      split: This process's shard.
+      per_process_batch_size: Examples per batch.
+      num_batches: Batches to yield, the same in every process (see
+        `sources.num_eval_batches`); batches past the end of the shard are all padding.
+
+    Returns:
+      An iterator of `num_batches` dicts: "image" uint8 [B, H, W, 3] (zeros where
+      padded), "label" int32 [B] (0 where padded) and "mask" bool [B] (False where padded).
+
+    Raises:
+      DatasetError: num_batches is too small to cover the shard.
+    """
+    batch = per_process_batch_size
+    if batch <= 0:
+        raise DatasetError(f"per-process batch size {batch} must be positive.")
+    num_local = len(split.labels)
+    if num_batches * batch < num_local:
+        raise DatasetError(
+            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
+            f"this process: compute num_batches with num_eval_batches()."
+        )
+    return _eval_batches(split, batch, num_batches)
+
+
+def _eval_batches(split: DatasetSplit, batch: int, num_batches: int) -> Iterator[dict[str, Any]]:
+    shape = split.images.shape[1:]
+    for b in range(num_batches):
+        images = split.images[b * batch : (b + 1) * batch]
+        count = len(images)
+        image = np.zeros((batch, *shape), np.uint8)
+        label = np.zeros((batch,), np.int32)
+        image[:count] = images
+        label[:count] = split.labels[b * batch : (b + 1) * batch]
+        yield {"image": image, "label": label, "mask": np.arange(batch) < count}

@@ -1,0 +1,772 @@
+"""Streaming input: grain pipelines that read, decode and augment examples lazily.
+
+For datasets larger than host memory (ImageNet). A split is opened as a list of
+files (image folders) or as tfds `array_record` files, which allow random access;
+nothing is decoded until a batch needs it, and at most a few batches per worker are
+in flight, so memory does not grow with the dataset.
+
+The pipeline is a grain `MapDataset`: the batch of global step s holds the examples
+at positions s*B .. s*B+B-1 of an endless sequence of epochs, and everything about
+it is a function of that position:
+
+- epoch e = s // steps_per_epoch visits this process's shard in grain's index
+  shuffle seeded from (seed, process_index) and e, and keeps its first
+  steps_per_epoch * B examples (the remainder of the shard is dropped);
+- the random crop and flip of an example come from grain's per-record generator
+  (`random_map`), seeded from (seed, process_index) and the example's position.
+
+So a run that starts (or resumes) at step k gets exactly the batches an
+uninterrupted run gets from step k on, with any number of worker processes; and
+the iterator's state is just the next step.
+
+An image that cannot be decoded stops the run with a `DatasetError` naming the file
+(image folders) or the split and record (tfds), also when a worker process hit it.
+Skipping it instead would change the length of the epoch and so the batch of every
+later step: a resumed run would no longer see what an uninterrupted one sees, and
+nobody would learn that the file is broken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from PIL import ExifTags, Image, ImageOps
+
+from resnet_jax.config_checks import AUGMENTATIONS
+from resnet_jax.data import sources
+from resnet_jax.data.sources import DatasetError
+
+# In-process (num_workers=0): threads decode whole batches ahead; PIL releases the
+# GIL while decoding. grain's defaults (16 threads, 500 elements ahead) would hold
+# 500 batches: our elements are batches, not records.
+_IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+# In a worker process the worker itself runs ahead of the consumer (one batch in its
+# output queue while it makes the next), so it needs no threads of its own.
+_WORKER_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_WORKER_BUFFER = 1
+
+# Tags that keep the shuffle and the augmentation seeds of one (seed, process) apart.
+_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+
+# The Inception crop: area fraction and aspect ratio ranges, tries before the fallback.
+_CROP_AREA = (0.08, 1.0)
+_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_TRIES = 10
+
+# EXIF orientations (5-8) that store the image rotated by 90 degrees.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class _Record(NamedTuple):
+    """One example, not decoded.
+
+    Attributes:
+      source: The image file (image folders), or where the record is (tfds), for messages.
+      label: The class index.
+      data: The encoded image (tfds), or None: read the file `source`.
+    """
+
+    source: str
+    label: int
+    data: bytes | None
+
+
+class _Padding:
+    """Stands for an evaluation slot past the end of the shard (None would be dropped)."""
+
+
+def _check_index(index: int, length: int) -> None:
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} is not in [0, {length}).")
+
+
+class _FolderRecords(Sequence):
+    """Random access to this process's files of an image folder split.
+
+    The names are kept as one fixed-width bytes array (relative to the split folder),
+    a few tens of bytes per file, instead of a Python string or Path per file.
+    """
+
+    def __init__(self, split_dir: pathlib.Path, names: np.ndarray, labels: np.ndarray):
+        self._split_dir = os.fspath(split_dir)
+        self._names = names
+        self._labels = labels
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> _Record:
+        _check_index(index, len(self))
+        path = os.path.join(self._split_dir, os.fsdecode(self._names[index]))
+        return _Record(path, int(self._labels[index]), None)
+
+
+class _TfdsRecords(Sequence):
+    """Random access to this process's records [start, stop) of a tfds array_record split.
+
+    The tfds data source holds open file readers, which do not cross process
+    boundaries: each process (the trainer, each grain worker) opens its own.
+    """
+
+    def __init__(
+        self, name: str, data_dir: str | None, split: str, start: int, stop: int, location: str
+    ):
+        self._name = name
+        self._data_dir = data_dir
+        self._split = split
+        self._start = start
+        self._stop = stop
+        self._location = location
+        self._source = self._open()
+
+    def _open(self) -> Any:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(self._name, data_dir=self._data_dir)
+        # The encoded bytes: decoded here like image files, with PIL's reduced-size
+        # JPEG decoding where the crop allows.
+        return builder.as_data_source(self._split, decoders={"image": tfds.decode.SkipDecoding()})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_source"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._source = self._open()
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    def describe(self, record: int) -> str:
+        return (
+            f"record {record} of the {self._split!r} split of tfds dataset {self._name!r} "
+            f"({self._location})"
+        )
+
+    def __getitem__(self, index: int) -> _Record:
+        # Past the end lie other processes' records: an error, as for any sequence.
+        _check_index(index, len(self))
+        record = self._start + index
+        where = self.describe(record)
+        try:
+            example = self._source[record]
+        except Exception as e:  # noqa: BLE001 - any reader failure gets the record's name.
+            raise DatasetError(
+                f"Cannot read {where} ({type(e).__name__}: {e}): the prepared files are "
+                f"damaged or incomplete; delete {self._location} and prepare the dataset "
+                f"again."
+            ) from e
+        return _Record(where, int(example["label"]), bytes(example["image"]))
+
+
+class _PaddedRecords(Sequence):
+    """The shard's records, then `_Padding` up to `length`."""
+
+    def __init__(self, records: Sequence, length: int):
+        self._records = records
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> _Record | _Padding:
+        if index < len(self._records):
+            return self._records[index]
+        return _Padding()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamSplit:
+    """One split opened for random access; nothing decoded yet.
+
+    Attributes:
+      num_examples: Examples in the whole split, all processes together.
+      class_names: Name of each class, indexed by label.
+      num_classes: Number of classes.
+      process_index: Which shard `records` is.
+      process_count: Number of shards the split is cut into.
+      records: This process's shard: a random-access sequence of undecoded examples.
+    """
+
+    num_examples: int
+    class_names: tuple[str, ...] = dataclasses.field(repr=False)
+    num_classes: int
+    process_index: int
+    process_count: int
+    records: Sequence = dataclasses.field(repr=False)
+
+
+def open_split(
+    config: Any,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> StreamSplit:
+    """Opens this process's shard of a split for streaming; decodes nothing.
+
+    Process i of P gets examples [i*n//P, (i+1)*n//P) of the split in its fixed
+    order, as `sources.load_split` does: for image folders a fixed shuffle of the
+    files (the same as the in-memory path, so both see the same shards and labels),
+    for tfds the stored record order.
+
+    Args:
+      config: Needs `dataset` ("image_folder" or a tfds dataset name) and `data_dir`
+        (the folder; for tfds its data directory, None for tfds's default).
+      split: A subfolder of the image folder ("train", "test", "val", ...), or a split
+        of the tfds dataset ("train", "validation", ...).
+      process_index: This process; defaults to `jax.process_index()`.
+      process_count: Number of processes; defaults to `jax.process_count()`.
+
+    Returns:
+      The opened split.
+
+    Raises:
+      DatasetError: A missing or malformed image folder, an unknown tfds dataset or
+        split, or a tfds dataset that is not prepared as array_record (the message
+        gives the command that prepares it). Nothing is ever downloaded here.
+    """
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise DatasetError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+    if config.dataset == "image_folder":
+        records, num_examples, class_names = _open_image_folder(
+            config, split, process_index, process_count
+        )
+    else:
+        records, num_examples, class_names = _open_tfds(config, split, process_index, process_count)
+    return StreamSplit(
+        num_examples=num_examples,
+        class_names=class_names,
+        num_classes=len(class_names),
+        process_index=process_index,
+        process_count=process_count,
+        records=records,
+    )
+
+
+def _open_image_folder(
+    config: Any, split: str, process_index: int, process_count: int
+) -> tuple[_FolderRecords, int, tuple[str, ...]]:
+    class_names = sources._class_folders(sources._image_folder_split_dir(config, "train"))
+    split_dir = sources._image_folder_split_dir(config, split)
+    if split != "train":
+        split_classes = sources._class_folders(split_dir)
+        if split_classes != class_names:
+            missing = sorted(set(class_names) - set(split_classes))
+            extra = sorted(set(split_classes) - set(class_names))
+            raise DatasetError(
+                f"{split_dir} must have the same class folders as "
+                f"{split_dir.parent / 'train'}, but it lacks {missing} and has extra "
+                f"{extra}: add or remove folders so that both list the same classes."
+            )
+    names: list[bytes] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        files = sources._list_images(split_dir / name)
+        names.extend(os.fsencode(os.path.join(name, f.name)) for f in files)
+        labels.extend([label] * len(files))
+    # The same fixed shuffle and contiguous shards as sources._load_image_folder.
+    order = np.random.default_rng(0).permutation(len(names))
+    start, stop = sources._shard_bounds(len(names), process_index, process_count)
+    mine = order[start:stop]
+    shard_names = np.asarray(names, dtype=bytes)[mine]
+    shard_labels = np.asarray(labels, dtype=np.int32)[mine]
+    return _FolderRecords(split_dir, shard_names, shard_labels), len(names), tuple(class_names)
+
+
+def _prepare_command(name: str, data_dir: str | None, manual_dir: str | None) -> str:
+    builder_args = [repr(name)]
+    if data_dir:
+        builder_args.append(f"data_dir={data_dir!r}")
+    builder_args.append("file_format='array_record'")
+    prepare_args = ""
+    if manual_dir:
+        prepare_args = f"download_config=tfds.download.DownloadConfig(manual_dir={manual_dir!r})"
+    return (
+        f'python -c "import tensorflow_datasets as tfds; '
+        f'tfds.builder({", ".join(builder_args)}).download_and_prepare({prepare_args})"'
+    )
+
+
+def _open_tfds(
+    config: Any, split: str, process_index: int, process_count: int
+) -> tuple[_TfdsRecords, int, tuple[str, ...]]:
+    import tensorflow_datasets as tfds
+
+    if "tensorflow" in sys.modules:
+        # Reading array_record needs no TensorFlow; if something imported it, keep it
+        # off the accelerators.
+        sources.hide_accelerators_from_tensorflow()
+    name = config.dataset
+    data_dir = config.data_dir
+    manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        # tfds's message goes on to list every registered dataset: keep its first line.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(
+            f"config.dataset={name!r} is neither image_folder nor a tensorflow-datasets "
+            f"dataset ({reason}): check the name, e.g. cifar100 or imagenet2012."
+        ) from e
+    command = _prepare_command(name, data_dir, manual_dir)
+    manual_hint = (
+        ""
+        if manual_dir
+        else "for datasets you download by hand, such as imagenet2012, add "
+        "download_config=tfds.download.DownloadConfig(manual_dir=<folder with the files>); "
+    )
+    data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    if not builder.is_prepared():
+        raise DatasetError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and the "
+            f"streaming input never downloads. Prepare it once as array_record: {command} "
+            f"({manual_hint}`tfds build {name}{data_dir_flag} --file_format=array_record` "
+            f"does the same where apache-beam is installed, which tfds 4.9's command line "
+            f"needs). A small dataset (CIFAR) can instead use --config.input=device, which "
+            f"prepares it by itself."
+        )
+    info = builder.info
+    if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in info.available_file_formats():
+        formats = sorted(f.value for f in info.available_file_formats())
+        raise DatasetError(
+            f"tfds dataset {name!r} in {builder.data_dir} is prepared as {formats}, but "
+            f"the streaming input needs random access, which only array_record gives. "
+            f"Prepare it again as array_record: delete {builder.data_dir} (tfds keeps one "
+            f"format per version folder), then run {command} (or run that with another "
+            f"data_dir and pass it as --config.data_dir). A small dataset (CIFAR) can "
+            f"instead use --config.input=device."
+        )
+    if split not in info.splits:
+        raise DatasetError(
+            f"tfds dataset {name!r} has no split {split!r}: use one of {sorted(info.splits)}."
+        )
+    features = info.features
+    if "image" not in features or "label" not in features:
+        raise DatasetError(
+            f"tfds dataset {name!r} has features {sorted(features)}; the streaming input "
+            f"needs an 'image' and a 'label' feature (an image classification dataset)."
+        )
+    class_names = tuple(features["label"].names)
+    num_examples = info.splits[split].num_examples
+    start, stop = sources._shard_bounds(num_examples, process_index, process_count)
+    records = _TfdsRecords(name, data_dir, split, start, stop, os.fspath(builder.data_dir))
+    return records, num_examples, class_names
+
+
+# ----------------------------------------------------------------------------
+# Decoding.
+
+
+def _decode(record: _Record, image_size: int, resize_size: int) -> np.ndarray:
+    """`sources.read_image` on the record's file, or on its bytes (tfds)."""
+    if record.data is None:
+        return sources.read_image(record.source, image_size, resize_size)
+    try:
+        return sources.read_image(io.BytesIO(record.data), image_size, resize_size)
+    except DatasetError as e:
+        raise _undecodable(record, e.__cause__ or e) from e
+
+
+def _undecodable(record: _Record, error: BaseException) -> DatasetError:
+    if record.data is None:
+        return DatasetError(
+            f"Cannot read image file {record.source} ({type(error).__name__}: {error}): "
+            f"remove or replace this file."
+        )
+    return DatasetError(
+        f"Cannot decode the image of {record.source} ({type(error).__name__}: {error}): "
+        f"the prepared dataset is damaged; prepare it again."
+    )
+
+
+def _inception_crop_box(
+    width: int, height: int, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) of the Inception crop, as torchvision draws it."""
+    area = width * height
+    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
+    for _ in range(_CROP_TRIES):
+        target_area = area * rng.uniform(*_CROP_AREA)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    # The fallback: the central crop, its aspect ratio clamped to the range.
+    in_ratio = width / height
+    if in_ratio < _CROP_RATIO[0]:
+        w, h = width, int(round(width / _CROP_RATIO[0]))
+    elif in_ratio > _CROP_RATIO[1]:
+        w, h = int(round(height * _CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _random_resized_crop(record: _Record, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Decodes the Inception crop of the record's image, resized to image_size squared.
+
+    The crop is drawn in the upright (EXIF-rotated) image before anything is decoded,
+    so a JPEG can be decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode) whenever the
+    crop still has at least image_size pixels on each side at that scale: a 224 crop
+    of a 10% area of a 2000 px photo needs no full-size decode.
+    """
+    try:
+        with Image.open(record.source if record.data is None else io.BytesIO(record.data)) as image:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            swap = orientation in _SWAPPING_ORIENTATIONS
+            stored_width, stored_height = image.size
+            width, height = (stored_height, stored_width) if swap else (stored_width, stored_height)
+            left, top, crop_width, crop_height = _inception_crop_box(width, height, rng)
+            wanted = (
+                math.ceil(width * image_size / crop_width),
+                math.ceil(height * image_size / crop_height),
+            )
+            drafted = image.draft("RGB", wanted[::-1] if swap else wanted)
+            # draft() answers (mode, box of the original in reduced pixels); None: full size.
+            scale = 1.0 if drafted is None else drafted[1][2] / stored_width
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            box = (
+                left * scale,
+                top * scale,
+                (left + crop_width) * scale,
+                (top + crop_height) * scale,
+            )
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+            return np.asarray(image, dtype=np.uint8)
+    except _DECODE_ERRORS as e:
+        raise _undecodable(record, e) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class _CropFlip(grain.transforms.RandomMap):
+    """Decode, resize, random crop of the zero-padded image, random horizontal flip."""
+
+    image_size: int
+    crop_padding: int
+    random_flip: bool
+
+    def random_map(self, record: _Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = _decode(record, self.image_size, 0)
+        p = self.crop_padding
+        if p > 0:
+            padded = np.pad(image, ((p, p), (p, p), (0, 0)))
+            top, left = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
+            image = padded[top : top + self.image_size, left : left + self.image_size]
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _InceptionCropFlip(grain.transforms.RandomMap):
+    """The Inception crop, decoded at reduced size where possible, and a random flip."""
+
+    image_size: int
+    random_flip: bool
+
+    def random_map(self, record: _Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = _random_resized_crop(record, self.image_size, rng)
+        if self.random_flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalDecode(grain.transforms.Map):
+    """The evaluation geometry of `sources.read_image`; zeros and mask False for padding."""
+
+    image_size: int
+    resize_size: int
+
+    def map(self, record: _Record | _Padding) -> dict[str, np.ndarray]:
+        if isinstance(record, _Padding):
+            return {
+                "image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
+                "label": np.int32(0),
+                "mask": np.bool_(False),
+            }
+        image = _decode(record, self.image_size, self.resize_size)
+        return {"image": image, "label": np.int32(record.label), "mask": np.bool_(True)}
+
+
+# ----------------------------------------------------------------------------
+# Batches.
+
+
+def _seed(seed: int, stream: int, process_index: int) -> int:
+    """A 32-bit grain seed for one (seed, purpose, process)."""
+    sequence = np.random.SeedSequence([seed, stream, process_index])
+    return int(sequence.generate_state(1, dtype=np.uint32)[0])
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Runs in each worker: ends it once the trainer is gone, even after a SIGKILL.
+
+    A killed trainer cannot stop its workers, which would otherwise keep running (and
+    hold the trainer's output pipes open) as orphans.
+    """
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _iterate(batches: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+    if num_workers == 0:
+        return iter(batches.to_iter_dataset(_IN_PROCESS_READ))
+    if not flags.FLAGS.is_parsed():
+        # With jax's profiler loaded, grain's multiprocess prefetch reads an absl flag
+        # (grain_enable_multiprocess_worker_profiling); outside an absl app (tests,
+        # notebooks, scripts) that raises UnparsedFlagAccessError. The defaults are right.
+        flags.FLAGS.mark_as_parsed()
+    # grain gives worker w the batches w, w+N, w+2N, ... and interleaves them back in
+    # order; each batch is made whole by one worker, so batches do not depend on N.
+    dataset = batches.to_iter_dataset(_WORKER_READ).mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=_WORKER_BUFFER
+        ),
+        worker_init_fn=_exit_with_parent,
+    )
+    return iter(dataset)
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Endless train batches; its state is the next global step.
+
+    The batches are a pure function of the step, so the step is all there is to
+    save: unlike the state of grain's multiprocess iterator, it restores with any
+    number of workers and into an iterator started at any step. Worker processes
+    start at the first batch, and are restarted by `set_state` only when the step
+    changes.
+    """
+
+    def __init__(
+        self,
+        batches: grain.MapDataset,
+        *,
+        start_step: int,
+        num_workers: int,
+        identity: dict[str, int],
+    ):
+        super().__init__()
+        self._batches = batches
+        self._num_workers = num_workers
+        self._identity = identity
+        self._step = start_step
+        self._iterator: grain.DatasetIterator | None = None
+
+    def _started(self) -> grain.DatasetIterator:
+        if self._iterator is None:
+            self._iterator = _iterate(self._batches[self._step :], self._num_workers)
+        return self._iterator
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        batch = next(self._started())
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        """{"next_step": the step of the next batch, and what the batches depend on}."""
+        return {"next_step": self._step, **self._identity}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues with the batch of step `state["next_step"]`.
+
+        Raises:
+          DatasetError: The state belongs to other settings (seed, batch size,
+            processes), whose batches differ.
+        """
+        if "next_step" not in state:
+            raise DatasetError(
+                f"{state!r} is not a state of the streaming train iterator (no next_step): "
+                f"it was saved by another input path; start from the checkpoint's step "
+                f"instead (start_step)."
+            )
+        changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
+            raise DatasetError(
+                f"The saved input state was made with other settings ({details}), so its "
+                f"batches differ from these: keep the settings of the saved run, or start "
+                f"from the checkpoint's step (start_step) without restoring the input state."
+            )
+        step = int(state["next_step"])
+        if step < 0:
+            raise DatasetError(f"next_step={step} in the saved input state must be >= 0.")
+        if step != self._step:
+            self._close_workers()
+            self._step = step
+
+    def start_prefetch(self) -> None:
+        self._started().start_prefetch()
+
+    def _close_workers(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+    def close(self) -> None:
+        self._close_workers()
+        super().close()
+
+
+def train_batches(
+    split: StreamSplit,
+    *,
+    per_process_batch_size: int,
+    seed: int,
+    start_step: int,
+    image_size: int,
+    augment: str,
+    crop_padding: int,
+    random_flip: bool,
+    num_workers: int,
+) -> TrainIterator:
+    """This process's train batches forever, from global step `start_step` on.
+
+    Args:
+      split: The opened training split.
+      per_process_batch_size: Examples per batch.
+      seed: Data seed (non-negative).
+      start_step: Global step of the first batch (non-negative).
+      image_size: Side of the square images.
+      augment: "crop_flip" (resize to image_size, zero-pad by crop_padding, random
+        crop back; CIFAR) or "random_resized_crop" (the Inception crop of 8-100% of
+        the area, aspect ratio 3/4-4/3, resized; ImageNet).
+      crop_padding: Zero padding of crop_flip on each side; 0 disables the crop.
+      random_flip: Whether to flip horizontally with probability 1/2.
+      num_workers: 0 decodes in this process (with two threads); N > 0 in N grain
+        worker processes.
+
+    Returns:
+      An endless iterator of {"image": uint8 [B, image_size, image_size, 3] (not
+      normalised), "label": int32 [B]}, with `get_state` / `set_state` (a
+      JSON-serialisable dict) for checkpoints and `close` to stop its workers.
+      Arguments are checked here, not at the first batch.
+
+    Raises:
+      DatasetError: A bad argument, or a batch larger than a process's shard.
+    """
+    if seed < 0 or start_step < 0:
+        raise DatasetError(f"seed={seed} and start_step={start_step} must be non-negative.")
+    if image_size <= 0:
+        raise DatasetError(f"image_size={image_size} must be positive, e.g. 32 or 224.")
+    if augment not in AUGMENTATIONS:
+        raise DatasetError(
+            f"augment={augment!r} is not one of {AUGMENTATIONS}: crop_flip for CIFAR-like "
+            f"data, random_resized_crop for ImageNet-like data."
+        )
+    if crop_padding < 0:
+        raise DatasetError(f"crop_padding={crop_padding} must be >= 0.")
+    if num_workers < 0:
+        raise DatasetError(f"num_workers={num_workers} must be >= 0 (0: no worker processes).")
+    batch = per_process_batch_size
+    steps = sources.steps_per_epoch(split.num_examples, split.process_count, batch)
+    if augment == "crop_flip":
+        transform = _CropFlip(image_size, crop_padding, random_flip)
+    else:
+        transform = _InceptionCropFlip(image_size, random_flip)
+    # Position p of the endless sequence is example p % (steps * B) of epoch
+    # p // (steps * B): grain's shuffle reseeds each epoch (seed + epoch) and the slice
+    # keeps each epoch's first steps * B examples.
+    examples = (
+        grain.MapDataset.source(split.records)
+        .shuffle(seed=_seed(seed, _SHUFFLE_STREAM, split.process_index))
+        .slice(slice(0, steps * batch))
+        .repeat()
+        .random_map(transform, seed=_seed(seed, _AUGMENT_STREAM, split.process_index))
+    )
+    batches = examples.batch(batch, drop_remainder=True)
+    identity = {
+        "seed": seed,
+        "per_process_batch_size": batch,
+        "process_index": split.process_index,
+        "process_count": split.process_count,
+    }
+    return TrainIterator(batches, start_step=start_step, num_workers=num_workers, identity=identity)
+
+
+def eval_batches(
+    split: StreamSplit,
+    *,
+    per_process_batch_size: int,
+    num_batches: int,
+    image_size: int,
+    resize_size: int,
+    num_workers: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of this process's shard once, in order, then padding.
+
+    Args:
+      split: The opened evaluation split.
+      per_process_batch_size: Examples per batch.
+      num_batches: Batches to yield, the same in every process (`sources.num_eval_batches`).
+      image_size: Side of the square images.
+      resize_size: As `sources.read_image`: 0 resizes the whole image; N resizes the
+        shorter side to N and takes the central image_size crop (ImageNet: 256, 224).
+      num_workers: 0 decodes in this process; N > 0 in N grain worker processes.
+
+    Returns:
+      An iterator of `num_batches` dicts: "image" uint8 [B, image_size, image_size, 3]
+      (zeros where padded), "label" int32 [B] (0 where padded), "mask" bool [B].
+
+    Raises:
+      DatasetError: num_batches too small for the shard, or another bad argument.
+    """
+    batch = per_process_batch_size
+    if batch <= 0:
+        raise DatasetError(f"per-process batch size {batch} must be positive.")
+    if image_size <= 0:
+        raise DatasetError(f"image_size={image_size} must be positive, e.g. 32 or 224.")
+    if 0 < resize_size < image_size or resize_size < 0:
+        raise DatasetError(
+            f"eval_resize_size={resize_size} must be 0 or at least image_size={image_size}."
+        )
+    if num_workers < 0:
+        raise DatasetError(f"num_workers={num_workers} must be >= 0 (0: no worker processes).")
+    num_local = len(split.records)
+    if num_batches * batch < num_local:
+        raise DatasetError(
+            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
+            f"this process: compute num_batches with num_eval_batches()."
+        )
+    padded = _PaddedRecords(split.records, num_batches * batch)
+    batches = (
+        grain.MapDataset.source(padded)
+        .map(_EvalDecode(image_size, resize_size))
+        .batch(batch, drop_remainder=True)
+    )
+    return _iterate(batches, num_workers)
