@@ -47,7 +47,7 @@ DEGRADATIONS = readme_commands("experiments.degradation")
 
 def test_the_readme_has_the_commands_this_file_runs():
     workdirs = [c[c.index("--workdir") + 1] for c in COMMANDS if "--workdir" in c]
-    assert "runs/resnet18" in workdirs and "runs/mine" in workdirs
+    assert "runs/resnet18" in workdirs and "runs/mine" in workdirs and "runs/resnet50" in workdirs
     assert any("--mode=eval" in c for c in COMMANDS)
     assert any("--mode=summary" in c for c in COMMANDS)
     assert len(PREDICTS) == 2 and len(IMPORTS) == 1
@@ -157,6 +157,23 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
     run_as_written(folder, user_dir, *SHRINK, "--config.num_train_steps=4")
     mine = json.loads((user_dir / "runs" / "mine" / "eval_results.json").read_text())
     assert mine["num_examples"] == 63 and mine["step"] == 4
+
+
+def test_imagenet_recipe_command_streams(user_dir, toy_folder):
+    """The ImageNet command as written, on a small image folder instead of ImageNet.
+
+    What stays is the recipe's input: grain streaming with worker processes, the
+    random-resized crop, the resize-then-centre-crop evaluation, bfloat16.
+    """
+    (imagenet,) = [c for c in COMMANDS if "configs/resnet50_imagenet.py" in c]
+    result = run_as_written(
+        imagenet, user_dir, *SHRINK, "--config.dataset=image_folder",
+        f"--config.data_dir={toy_folder}", "--config.eval_split=test", "--config.image_size=16",
+        "--config.eval_resize_size=20", "--config.num_train_steps=4", "--config.input_workers=1",
+    )  # fmt: skip
+    assert "stream input" in result.stderr
+    results = json.loads((user_dir / "runs" / "resnet50" / "eval_results.json").read_text())
+    assert results["num_examples"] == 63 and results["step"] == 4
 
 
 def test_import_predict_and_evaluate_commands(user_dir, toy_folder):

@@ -127,7 +127,9 @@ def class_names(config: Any) -> tuple[str, ...]:
       DatasetError: Unknown dataset name, or an image folder that is missing.
     """
     if config.dataset == "image_folder":
-        return tuple(_class_folders(_image_folder_split_dir(config, "train")))
+        return tuple(
+            _class_folders(_image_folder_split_dir(config, config.get("train_split", "train")))
+        )
     return tuple(tfds_builder(config).info.features["label"].names)
 
 
@@ -156,8 +158,7 @@ def count_examples(config: Any, split: str) -> int:
     A tfds dataset is prepared first if it is not yet (as `load_split` would).
     """
     if config.dataset == "image_folder":
-        split_dir = _image_folder_split_dir(config, split)
-        return sum(len(_list_images(split_dir / name)) for name in _class_folders(split_dir))
+        return len(list_image_folder(config, split).labels)
     return _split_info(prepared_builder(config), config, split).num_examples
 
 
@@ -547,42 +548,86 @@ def _fill_in_parallel(count: int, image_size: int, make: Any) -> np.ndarray:
     return out
 
 
-def _read_images(paths: list[pathlib.Path], image_size: int, resize_size: int) -> np.ndarray:
+def _read_images(paths: list[str], image_size: int, resize_size: int) -> np.ndarray:
     return _fill_in_parallel(
         len(paths), image_size, lambda i: read_image(paths[i], image_size, resize_size)
     )
 
 
-def _load_image_folder(
-    config: Any, split: str, process_index: int, process_count: int, image_size: int
-) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
-    class_names = _class_folders(_image_folder_split_dir(config, "train"))
+@dataclasses.dataclass(frozen=True, eq=False)
+class FolderListing:
+    """The image files of one split of an image folder, with labels; nothing decoded.
+
+    Files are listed class by class, then put in a fixed shuffled order (the same in
+    every process and every run), so that a contiguous shard holds every class.
+
+    Attributes:
+      split_dir: The split's folder.
+      names: bytes [n], each file's path relative to split_dir ("<class>/<file>"): a
+        few tens of bytes per file, not a Python object, for million-file folders.
+      labels: int32 [n], index of each file's class in `class_names`.
+      class_names: The class folders of the training split, sorted.
+    """
+
+    split_dir: pathlib.Path
+    names: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.split_dir, os.fsdecode(self.names[index]))
+
+    def shard(self, process_index: int, process_count: int) -> FolderListing:
+        """Process i of P's files: [i*n//P, (i+1)*n//P) of the shuffled list."""
+        start, stop = _shard_bounds(len(self.labels), process_index, process_count)
+        return dataclasses.replace(
+            self, names=self.names[start:stop], labels=self.labels[start:stop]
+        )
+
+
+def list_image_folder(config: Any, split: str) -> FolderListing:
+    """Lists `<data_dir>/<split>/<class>/<image>`; classes are those of the training split.
+
+    Raises:
+      DatasetError: a missing folder, no class folders, an empty class, or classes
+        that differ from the training split's.
+    """
+    train_split = config.get("train_split", "train")
+    class_names = _class_folders(_image_folder_split_dir(config, train_split))
     split_dir = _image_folder_split_dir(config, split)
-    if split != "train":
+    if split != train_split:
         split_classes = _class_folders(split_dir)
         if split_classes != class_names:
             missing = sorted(set(class_names) - set(split_classes))
             extra = sorted(set(split_classes) - set(class_names))
             raise DatasetError(
                 f"{split_dir} must have the same class folders as "
-                f"{split_dir.parent / 'train'}, but it lacks {missing} and has extra "
+                f"{split_dir.parent / train_split}, but it lacks {missing} and has extra "
                 f"{extra}: add or remove folders so that both list the same classes."
             )
-    paths: list[pathlib.Path] = []
+    names: list[bytes] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
         files = _list_images(split_dir / name)
-        paths.extend(files)
+        names.extend(os.fsencode(os.path.join(name, f.name)) for f in files)
         labels.extend([label] * len(files))
-    # Files are listed class by class; a fixed shuffle (the same in every process
-    # and every run) keeps a contiguous shard from holding only a few classes.
-    order = np.random.default_rng(0).permutation(len(paths))
-    num_examples = len(paths)
-    start, stop = _shard_bounds(num_examples, process_index, process_count)
-    mine = order[start:stop]
-    images = _read_images([paths[i] for i in mine], image_size, config.eval_resize_size)
-    shard_labels = np.asarray(labels, dtype=np.int32)[mine]
-    return images, shard_labels, num_examples, tuple(class_names)
+    order = np.random.default_rng(0).permutation(len(names))
+    return FolderListing(
+        split_dir=split_dir,
+        names=np.asarray(names, dtype=bytes)[order],
+        labels=np.asarray(labels, dtype=np.int32)[order],
+        class_names=tuple(class_names),
+    )
+
+
+def _load_image_folder(
+    config: Any, split: str, process_index: int, process_count: int, image_size: int
+) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
+    listing = list_image_folder(config, split)
+    mine = listing.shard(process_index, process_count)
+    paths = [mine.path(i) for i in range(len(mine.labels))]
+    images = _read_images(paths, image_size, config.eval_resize_size)
+    return images, mine.labels, len(listing.labels), listing.class_names
 
 
 def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:

@@ -32,7 +32,6 @@ import dataclasses
 import io
 import math
 import os
-import pathlib
 import sys
 import threading
 import time
@@ -96,24 +95,17 @@ def _check_index(index: int, length: int) -> None:
 
 
 class _FolderRecords(Sequence):
-    """Random access to this process's files of an image folder split.
+    """Random access to this process's files of an image folder split."""
 
-    The names are kept as one fixed-width bytes array (relative to the split folder),
-    a few tens of bytes per file, instead of a Python string or Path per file.
-    """
-
-    def __init__(self, split_dir: pathlib.Path, names: np.ndarray, labels: np.ndarray):
-        self._split_dir = os.fspath(split_dir)
-        self._names = names
-        self._labels = labels
+    def __init__(self, listing: sources.FolderListing):
+        self._listing = listing
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._listing.labels)
 
     def __getitem__(self, index: int) -> _Record:
         _check_index(index, len(self))
-        path = os.path.join(self._split_dir, os.fsdecode(self._names[index]))
-        return _Record(path, int(self._labels[index]), None)
+        return _Record(self._listing.path(index), int(self._listing.labels[index]), None)
 
 
 class _TfdsRecords(Sequence):
@@ -270,31 +262,10 @@ def open_split(
 def _open_image_folder(
     config: Any, split: str, process_index: int, process_count: int
 ) -> tuple[_FolderRecords, int, tuple[str, ...]]:
-    class_names = sources._class_folders(sources._image_folder_split_dir(config, "train"))
-    split_dir = sources._image_folder_split_dir(config, split)
-    if split != "train":
-        split_classes = sources._class_folders(split_dir)
-        if split_classes != class_names:
-            missing = sorted(set(class_names) - set(split_classes))
-            extra = sorted(set(split_classes) - set(class_names))
-            raise DatasetError(
-                f"{split_dir} must have the same class folders as "
-                f"{split_dir.parent / 'train'}, but it lacks {missing} and has extra "
-                f"{extra}: add or remove folders so that both list the same classes."
-            )
-    names: list[bytes] = []
-    labels: list[int] = []
-    for label, name in enumerate(class_names):
-        files = sources._list_images(split_dir / name)
-        names.extend(os.fsencode(os.path.join(name, f.name)) for f in files)
-        labels.extend([label] * len(files))
-    # The same fixed shuffle and contiguous shards as sources._load_image_folder.
-    order = np.random.default_rng(0).permutation(len(names))
-    start, stop = sources._shard_bounds(len(names), process_index, process_count)
-    mine = order[start:stop]
-    shard_names = np.asarray(names, dtype=bytes)[mine]
-    shard_labels = np.asarray(labels, dtype=np.int32)[mine]
-    return _FolderRecords(split_dir, shard_names, shard_labels), len(names), tuple(class_names)
+    # The same listing, order and shards as the in-memory path (sources.load_split).
+    listing = sources.list_image_folder(config, split)
+    shard = listing.shard(process_index, process_count)
+    return _FolderRecords(shard), len(listing.labels), listing.class_names
 
 
 def _prepare_command(name: str, data_dir: str | None, manual_dir: str | None) -> str:

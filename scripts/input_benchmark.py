@@ -1,0 +1,308 @@
+"""Training input throughput of both input paths, per image size: a table and JSON.
+
+    python scripts/input_benchmark.py                  # 32 and 224 px; 0 and 2 workers
+    python scripts/input_benchmark.py --sizes 224 --workers 0,4,8 --json_out input.json
+
+For each of --sizes, after warm-up, as medians over --repeats windows of --batches global
+batches of --batch_size images each:
+- device: data.device.DeviceTrainBatches over --num_files random uint8 images held on the
+  devices (pad 4, random crop, random flip, drawn in compiled code), timed until the last
+  batch is ready;
+- stream: data.stream.train_batches over an image folder of --num_files files written once
+  into a temporary folder, for each of --workers (0: in this process, 2 threads), each
+  batch put on the devices as the training loop does it (sharding.global_batch). Sizes
+  below 64 px are CIFAR-like: PNGs of that size, augment=crop_flip (pad 4, crop, flip).
+  Larger ones are ImageNet-like: JPEGs (quality 90) of (400 x 350) * size / 224 px, a
+  smooth colour field with shapes and pixel noise so that they compress like photos
+  (~90 KB at 224; ImageNet's training files average ~110 KB), resized by the pipeline's
+  augment=random_resized_crop (the Inception crop, then a flip). After the first pass the
+  files come from the page cache: this measures decoding and augmenting, not the disk.
+
+Images per CPU second divide the images by the CPU time (user + system) of every process
+involved, over the same window: this process (all its threads; on a CPU backend that
+includes XLA's work for the device path) and all its descendants, i.e. the grain worker
+processes (and multiprocessing's resource tracker). This process's own time is
+`time.process_time`; each descendant's is read with psutil (a dependency of
+orbax-checkpoint and tensorflow-datasets) as its own plus its reaped children's time, and
+descendants this process reaped are counted through its own reaped-children time. The
+warm-up waits for two batches from every worker, so their start-up (imports) is not
+timed. Images per CPU second is the rate that one fully busy host core sustains (images/s
+per host core); "cores busy" is CPU seconds per wall second.
+
+The last line printed is a JSON object (also written to --json_out): "rows" (path,
+image_size, workers (null for device), augment, images (per timed window), img_per_s,
+img_per_cpu_s, cores_busy), "files" (per size: format, count, width, height, mean bytes),
+and the machine: cpu_model, host_cores, devices, device_kind, platform, load averages
+before and after, jax version, date, command.
+"""
+
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_CHECKOUT)]
+
+# Only light imports here: grain's worker processes are spawned, and each one imports
+# this file again (as __mp_main__) before it starts.
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["32", "224"], "Image sizes (px); below 64 CIFAR-like, else ImageNet-like.")
+flags.DEFINE_list("workers", ["0", "2"], "Worker processes of the stream path (0: in-process).")
+flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+flags.DEFINE_integer("batches", 20, "Batches per timed window.")
+flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
+flags.DEFINE_integer("num_files", 512, "Images in the split (in memory, and files written).")
+flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
+
+# From this size on, the stream path reads ImageNet-like JPEGs with the Inception crop.
+_IMAGENET_FROM = 64
+# ImageNet-like files at 224 px, scaled with the size; pixel noise standard deviation.
+_JPEG_SIZE_AT_224 = (400, 350)
+_JPEG_NOISE = 32.0
+_CROP_PADDING = 4
+_CLASSES = 4
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds so far of this process, its reaped children and its live descendants."""
+    import psutil
+
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = time.process_time() + times.children_user + times.children_system
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # Gone since the listing: if this process reaped it, counted above.
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def _timed(next_batch: Callable[[], Any], warmup: int, batch_size: int) -> dict[str, Any]:
+    """Rates of `next_batch` (global batches of `batch_size`) after `warmup` untimed calls."""
+    import jax
+
+    for _ in range(warmup):
+        batch = next_batch()
+    jax.block_until_ready(batch)
+    images = FLAGS.batches * batch_size
+    wall, cpu = [], []
+    for _ in range(FLAGS.repeats):
+        start, start_cpu = time.perf_counter(), _cpu_seconds()
+        for _ in range(FLAGS.batches):
+            batch = next_batch()
+        jax.block_until_ready(batch)
+        wall.append(time.perf_counter() - start)
+        cpu.append(_cpu_seconds() - start_cpu)
+    img_per_s = statistics.median(images / w for w in wall)
+    img_per_cpu_s = statistics.median(images / c for c in cpu)
+    return {
+        "images": images,
+        "img_per_s": img_per_s,
+        "img_per_cpu_s": img_per_cpu_s,
+        "cores_busy": img_per_s / img_per_cpu_s,
+    }
+
+
+def bench_device(size: int, mesh: Any) -> dict[str, Any]:
+    import numpy as np
+
+    from resnet_jax import data, sharding
+
+    count = FLAGS.num_files
+    split = data.DatasetSplit(
+        images=np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8),
+        labels=np.arange(count, dtype=np.int32) % _CLASSES,
+        num_examples=count,
+        num_classes=_CLASSES,
+        class_names=tuple(f"class{i}" for i in range(_CLASSES)),
+        process_index=0,
+        process_count=1,
+    )
+    batches = data.device.DeviceTrainBatches(
+        split,
+        mesh,
+        per_process_batch_size=sharding.per_process_batch_size(FLAGS.batch_size, mesh),
+        seed=0,
+        start_step=0,
+        crop_padding=_CROP_PADDING,
+        random_flip=True,
+    )
+    rates = _timed(lambda: next(batches)["image"], 2, FLAGS.batch_size)
+    return {"path": "device", "image_size": size, "workers": None, "augment": "crop_flip",
+            **rates}  # fmt: skip
+
+
+def _picture(rng: Any, width: int, height: int, noise: float) -> Any:
+    """A photo-like uint8 image: a smooth colour field, a few shapes, pixel noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    field = rng.integers(0, 256, (3, 4, 3), np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x1, y1), fill=fill)
+    pixels = np.asarray(image, np.float32) + rng.normal(0, noise, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
+    """root/train/class<k>/: `count` CIFAR-like PNGs or ImageNet-like JPEGs; what they are."""
+    import numpy as np
+
+    rng = np.random.default_rng(size)
+    if size < _IMAGENET_FROM:
+        kind, width, height, noise = "png", size, size, 8.0
+    else:
+        kind, noise = "jpeg", _JPEG_NOISE
+        width, height = (round(side * size / 224) for side in _JPEG_SIZE_AT_224)
+    total = 0
+    for i in range(count):
+        folder = root / "train" / f"class{i % _CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:05d}.{kind}"
+        image = _picture(rng, width, height, noise)
+        if kind == "png":
+            image.save(path)
+        else:
+            image.save(path, quality=90)
+        total += path.stat().st_size
+    return {"image_size": size, "format": kind, "count": count, "width": width,
+            "height": height, "mean_bytes": total / count}  # fmt: skip
+
+
+def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict[str, Any]:
+    import ml_collections
+
+    from resnet_jax import sharding
+    from resnet_jax.data import stream
+
+    config = ml_collections.ConfigDict({"dataset": "image_folder", "data_dir": str(root)})
+    split = stream.open_split(config, "train")
+    augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
+    iterator = stream.train_batches(
+        split,
+        per_process_batch_size=sharding.per_process_batch_size(FLAGS.batch_size, mesh),
+        seed=0,
+        start_step=0,
+        image_size=size,
+        augment=augment,
+        crop_padding=_CROP_PADDING if augment == "crop_flip" else 0,
+        random_flip=True,
+        num_workers=workers,
+    )
+    try:
+        # Batch i comes from worker i % workers: two rounds have started every worker.
+        rates = _timed(
+            lambda: sharding.global_batch(next(iterator), mesh)["image"],
+            2 * max(1, workers),
+            FLAGS.batch_size,
+        )
+    finally:
+        iterator.close()
+    return {"path": "stream", "image_size": size, "workers": workers, "augment": augment,
+            **rates}  # fmt: skip
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(f"{result['devices']} x {result['device_kind']}; host: {result['host_cores']} cores "
+          f"of {result['cpu_model']}; batch {result['batch_size']}")  # fmt: skip
+    print(f"  {'path':<7} {'px':>4} {'workers':>7}  {'augment':<19} {'img/s':>9} "
+          f"{'img per CPU-s':>13} {'cores busy':>10}")  # fmt: skip
+    for row in result["rows"]:
+        workers = "-" if row["workers"] is None else str(row["workers"])
+        print(f"  {row['path']:<7} {row['image_size']:>4} {workers:>7}  {row['augment']:<19} "
+              f"{row['img_per_s']:>9,.0f} {row['img_per_cpu_s']:>13,.0f} "
+              f"{row['cores_busy']:>10.2f}")  # fmt: skip
+    for f in result["files"]:
+        print(f"  stream files at {f['image_size']} px: {f['count']} {f['format']}, "
+              f"{f['width']}x{f['height']}, {f['mean_bytes'] / 1e3:,.1f} KB on average")  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    load_before = os.getloadavg()
+    from resnet_jax import cli  # First: TensorFlow's logging settings.
+
+    cli.quiet_libraries()
+    import jax
+
+    from resnet_jax import sharding
+
+    try:
+        sizes = [int(s) for s in FLAGS.sizes]
+        worker_counts = [int(w) for w in FLAGS.workers]
+    except ValueError as e:
+        raise app.UsageError(f"--sizes and --workers take integers, e.g. 32,224: {e}") from e
+    if min(sizes) <= 0 or min(worker_counts) < 0:
+        raise app.UsageError(f"--sizes={FLAGS.sizes} must be positive, --workers >= 0.")
+    if FLAGS.batches <= 0 or FLAGS.repeats <= 0:
+        raise app.UsageError("--batches and --repeats must be positive.")
+    mesh = sharding.make_mesh()
+    local = sharding.per_process_batch_size(FLAGS.batch_size, mesh)
+    if FLAGS.num_files < local:
+        raise app.UsageError(
+            f"--num_files={FLAGS.num_files} is smaller than a batch ({local} per process): "
+            f"raise --num_files or lower --batch_size."
+        )
+    device = mesh.devices.flat[0]
+    rows, files = [], []
+    for size in sizes:
+        rows.append(bench_device(size, mesh))
+        with tempfile.TemporaryDirectory(prefix="input_benchmark_") as tmp:
+            files.append(write_folder(pathlib.Path(tmp), size, FLAGS.num_files))
+            for workers in worker_counts:
+                rows.append(bench_stream(pathlib.Path(tmp), size, workers, mesh))
+    result = {
+        "rows": rows,
+        "files": files,
+        "batch_size": FLAGS.batch_size,
+        "batches": FLAGS.batches,
+        "repeats": FLAGS.repeats,
+        "cpu_model": _cpu_model(),
+        "host_cores": len(os.sched_getaffinity(0)),
+        "devices": mesh.devices.size,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "jax_version": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": shlex.join(["python", *sys.argv]),
+    }
+    _print_table(result)
+    line = json.dumps(result)
+    if FLAGS.json_out:
+        pathlib.Path(FLAGS.json_out).write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)
