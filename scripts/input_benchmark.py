@@ -56,7 +56,7 @@ sys.path[:0] = [str(_CHECKOUT)]
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes", ["32", "224"], "Image sizes (px); below 64 CIFAR-like, else ImageNet-like.")
+flags.DEFINE_list("sizes", ["32", "224"], "Image sizes (px); < 64: CIFAR-like, else ImageNet-like.")
 flags.DEFINE_list("workers", ["0", "2"], "Worker processes of the stream path (0: in-process).")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_integer("batches", 20, "Batches per timed window.")
@@ -241,7 +241,7 @@ def _print_table(result: dict[str, Any]) -> None:
               f"{row['img_per_s']:>9,.0f} {row['img_per_cpu_s']:>13,.0f} "
               f"{row['cores_busy']:>10.2f}")  # fmt: skip
     for f in result["files"]:
-        print(f"  stream files at {f['image_size']} px: {f['count']} {f['format']}, "
+        print(f"  files at {f['image_size']} px: {f['count']} {f['format']}, "
               f"{f['width']}x{f['height']}, {f['mean_bytes'] / 1e3:,.1f} KB on average")  # fmt: skip
 
 

@@ -93,6 +93,7 @@ def reference_run(toy_folder, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     result = run_main(*main_args(workdir, toy_folder))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "device input" in result.stderr  # auto keeps a small folder on the devices
     (workdir / "stderr.txt").write_text(result.stderr)
     return workdir
 

@@ -117,6 +117,14 @@ def test_prepared_dataset_is_reused_without_network_or_archive(cifar, monkeypatc
     assert split.num_examples == NUM_TEST and len(split.labels) == NUM_TEST
 
 
+def test_tfds_split_names_and_metadata(cifar):
+    config, _ = cifar
+    assert sources.class_names(config) == FINE_LABEL_NAMES  # from tfds's metadata
+    assert sources.count_examples(config, "test") == NUM_TEST
+    with pytest.raises(DatasetError, match=r"has no split 'validation'.*\['test', 'train'\]"):
+        sources.load_split(config, "validation", process_index=0, process_count=1)
+
+
 def test_cifar100_process_shards_cover_split_once_in_order(cifar, train_split):
     config, _ = cifar
     shards = [
