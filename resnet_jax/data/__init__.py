@@ -86,29 +86,12 @@ def _device_memory_budget(mesh: jax.sharding.Mesh) -> int:
 
 
 def choose_mode(config: Any, num_train_examples: int, mesh: jax.sharding.Mesh) -> str:
-    """ "device" or "stream": `config.input`, or for "auto" what fits (see the module docstring).
+    """Returns "device" or "stream": `config.input`, or for "auto" what fits.
 
-    Raises:
-      DatasetError: an unknown `config.input`, or "device" with an augmentation it lacks.
+    `config.input` and `config.augment` are checked by `config_checks.validate`.
     """
-    mode = config.input
-    if mode not in INPUT_MODES:
-        raise DatasetError(
-            f"config.input={mode!r} is not one of {INPUT_MODES}: use --config.input=auto."
-        )
-    if config.augment not in AUGMENTATIONS:
-        raise DatasetError(
-            f"config.augment={config.augment!r} is not one of {AUGMENTATIONS}: "
-            f"crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data."
-        )
-    if mode == "device" and config.augment != "crop_flip":
-        raise DatasetError(
-            f"--config.input=device crops and flips the stored images only; "
-            f"config.augment={config.augment!r} needs the original files: use "
-            f"--config.input=stream (or auto)."
-        )
-    if mode != "auto":
-        return mode
+    if config.input != "auto":
+        return config.input
     if config.augment != "crop_flip":
         return "stream"
     need = device.split_bytes(num_train_examples, config.image_size, jax.process_count())
