@@ -266,6 +266,22 @@ def test_offline_without_archive_says_where_to_put_it(tmp_path, monkeypatch):
     assert "https://www.cs.toronto.edu/~kriz/" in message
 
 
+def test_another_tfds_dataset_offline_fails_fast_with_the_catalog_page(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("simulated: Name or service not known")
+
+    monkeypatch.setattr(sources.socket, "create_connection", no_network)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    config = make_config(dataset="mnist", data_dir=str(tmp_path / "tfds"), image_size=28)
+    start = time.monotonic()
+    with pytest.raises(DatasetError, match=r"'mnist': this machine cannot reach storage") as info:
+        sources.load_split(config, "train", process_index=0, process_count=1)
+    assert time.monotonic() - start < 20  # tfds's own retries take minutes
+    assert "https://www.tensorflow.org/datasets/catalog/mnist" in str(info.value)
+    assert sources.num_classes(config) == 10  # from the metadata, without preparing
+
+
 def test_failed_download_inside_tfds_becomes_dataset_error(tmp_path, monkeypatch):
     # Where the host looks reachable but the download still fails, tfds's own
     # error is turned into the same advice. The download is made to fail at
@@ -276,7 +292,9 @@ def test_failed_download_inside_tfds_becomes_dataset_error(tmp_path, monkeypatch
         raise requests.exceptions.ConnectionError("simulated: network unreachable")
 
     monkeypatch.setattr(sources, "_can_reach", lambda *a, **k: True)
-    monkeypatch.setattr(tfds.core.download.downloader, "_open_url", no_network)
+    from tensorflow_datasets.core.download import downloader  # a submodule tfds loads lazily
+
+    monkeypatch.setattr(downloader, "_open_url", no_network)
     config = make_config(dataset="cifar10", data_dir=str(tmp_path))
     with pytest.raises(DatasetError, match=r"download failed.*simulated") as info:
         sources.load_split(config, "test", process_index=0, process_count=1)

@@ -36,6 +36,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 _CIFAR_HOST = "www.cs.toronto.edu"
+# Where tfds downloads most datasets from (its own mirror, and many datasets' sources).
+_TFDS_HOST = "storage.googleapis.com"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +308,13 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
     manual_dir = config.manual_dir
     # epath, not pathlib: tfds data dirs (and so the default manual dir) may be gs:// URLs.
     effective_manual_dir = epath.Path(manual_dir or builder.data_dir_root / "downloads" / "manual")
-    have_archive = info.archive is None or (effective_manual_dir / info.archive).is_file()
+    if info.archive is None:
+        # Other tfds datasets: any file in the manual folder may be what they need.
+        have_archive = effective_manual_dir.is_dir() and any(effective_manual_dir.iterdir())
+        host = _TFDS_HOST
+    else:
+        have_archive = (effective_manual_dir / info.archive).is_file()
+        host = _CIFAR_HOST
     behind_proxy = any(
         os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
     )
@@ -314,9 +322,9 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
     # takes minutes (3.5 min measured with tfds 4.9.10) before it fails. One
     # direct connection attempt answers the same question in seconds. Behind a
     # proxy a direct connection says nothing, so let tfds try.
-    if not have_archive and not behind_proxy and not _can_reach(_CIFAR_HOST):
+    if not have_archive and not behind_proxy and not _can_reach(host):
         raise DatasetError(
-            _offline_help(config, info, builder, f"this machine cannot reach {_CIFAR_HOST}")
+            _offline_help(config, info, builder, f"this machine cannot reach {host}")
         )
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     try:
