@@ -105,7 +105,7 @@ def tfds_builder(config: Any) -> Any:
         and a class "label" feature.
     """
     try:
-        builder = tfds.builder(config.dataset, data_dir=config.data_dir)
+        builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DatasetError(
             f"Unknown dataset {config.dataset!r}: config.dataset must be image_folder or "
@@ -344,7 +344,7 @@ def _prepare(builder: Any, config: Any, info: _DatasetInfo) -> None:
         # Processes that share a data_dir may prepare at the same time; the one
         # that finishes second fails to move its copy into place. The data is
         # there all the same.
-        if tfds.builder(config.dataset, data_dir=config.data_dir).is_prepared():
+        if tfds.builder(config.dataset, data_dir=config.data_dir or None).is_prepared():
             return
         import requests  # tfds downloads with it.
 
@@ -372,7 +372,7 @@ def prepared_builder(config: Any, file_format: str | None = None) -> Any:
     if not builder.is_prepared():
         if file_format is not None:
             builder = tfds.builder(
-                config.dataset, data_dir=config.data_dir, file_format=file_format
+                config.dataset, data_dir=config.data_dir or None, file_format=file_format
             )
         _prepare(builder, config, _dataset_info(config))
         builder = tfds_builder(config)

@@ -292,7 +292,7 @@ def _open_tfds(
         # off the accelerators.
         sources.hide_accelerators_from_tensorflow()
     name = config.dataset
-    data_dir = config.data_dir
+    data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
     manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
