@@ -24,7 +24,6 @@ train_img_per_s, loop_img_per_s, input_img_per_s, input_img_per_cpu_s, eval_img_
 compile_s, torch_train_img_per_s (null without torch), ratio_vs_torch, and more.
 """
 
-import json
 import os
 import pathlib
 import resource
@@ -139,25 +138,11 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
 
 
 def bench_input(config) -> dict[str, Any]:
-    import numpy as np
-
     batch = config.batch_size
-    size = config.image_size
-    count = batch * 8
-    split = data.DatasetSplit(
-        images=np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8),
-        labels=np.zeros(count, np.int32),
-        num_examples=count,
-        num_classes=1,
-        class_names=("x",),
-        process_index=0,
-        process_count=1,
-    )
     mesh = sharding.make_mesh()
-    batches = data.device.DeviceTrainBatches(
-        split, mesh, per_process_batch_size=sharding.per_process_batch_size(batch, mesh),
-        seed=0, start_step=0, crop_padding=config.crop_padding, random_flip=config.random_flip,
-    )  # fmt: skip
+    batches = timing.device_input(
+        mesh, batch * 8, config.image_size, batch, config.crop_padding, config.random_flip
+    )
     next(batches)["image"].block_until_ready()
     wall, cpu = [], []
     for _ in range(FLAGS.repeats):
@@ -340,10 +325,7 @@ def main(argv: list[str]) -> None:
     result["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["date"] = time.strftime("%Y-%m-%d")
     _print_table(result)
-    line = json.dumps(result)
-    if FLAGS.json_out:
-        pathlib.Path(FLAGS.json_out).write_text(line + "\n")
-    print(line)
+    timing.print_json(result, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ and the machine: cpu_model, host_cores, devices, device_kind, platform, load ave
 before and after, jax version, date, command.
 """
 
-import json
 import os
 import pathlib
 import platform
@@ -53,6 +52,7 @@ sys.path[:0] = [str(_CHECKOUT)]
 
 # Only light imports here: grain's worker processes are spawned, and each one imports
 # this file again (as __mp_main__) before it starts.
+import timing  # noqa: E402  (scripts/timing.py, beside this file)
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -116,28 +116,8 @@ def _timed(next_batch: Callable[[], Any], warmup: int, batch_size: int) -> dict[
 
 
 def bench_device(size: int, mesh: Any) -> dict[str, Any]:
-    import numpy as np
-
-    from resnet_jax import data, sharding
-
-    count = FLAGS.num_files
-    split = data.DatasetSplit(
-        images=np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8),
-        labels=np.arange(count, dtype=np.int32) % _CLASSES,
-        num_examples=count,
-        num_classes=_CLASSES,
-        class_names=tuple(f"class{i}" for i in range(_CLASSES)),
-        process_index=0,
-        process_count=1,
-    )
-    batches = data.device.DeviceTrainBatches(
-        split,
-        mesh,
-        per_process_batch_size=sharding.per_process_batch_size(FLAGS.batch_size, mesh),
-        seed=0,
-        start_step=0,
-        crop_padding=_CROP_PADDING,
-        random_flip=True,
+    batches = timing.device_input(
+        mesh, FLAGS.num_files, size, FLAGS.batch_size, _CROP_PADDING, random_flip=True
     )
     rates = _timed(lambda: next(batches)["image"], 2, FLAGS.batch_size)
     return {"path": "device", "image_size": size, "workers": None, "augment": "crop_flip",
@@ -298,10 +278,7 @@ def main(argv: list[str]) -> None:
         "command": shlex.join(["python", *sys.argv]),
     }
     _print_table(result)
-    line = json.dumps(result)
-    if FLAGS.json_out:
-        pathlib.Path(FLAGS.json_out).write_text(line + "\n")
-    print(line)
+    timing.print_json(result, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""What the speed scripts (benchmark.py, compare_models.py) share: set-up and timed steps."""
+"""What the speed scripts (benchmark.py, compare_models.py, input_benchmark.py) share."""
 
+import json
+import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -78,3 +80,34 @@ def train_rate(
     run(WARMUP_STEPS)
     images = steps * batch["label"].shape[0]
     return median_rate(lambda: run(steps), images, repeats), holder["state"]
+
+
+def device_input(
+    mesh: Any, count: int, size: int, batch_size: int, crop_padding: int, random_flip: bool
+) -> Any:
+    """The device-resident train batches over `count` uint8 noise images of `size` px."""
+    import numpy as np
+
+    from resnet_jax import data, sharding
+
+    split = data.DatasetSplit(
+        images=np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8),
+        labels=np.zeros(count, np.int32),
+        num_examples=count,
+        num_classes=1,
+        class_names=("x",),
+        process_index=0,
+        process_count=1,
+    )
+    return data.device.DeviceTrainBatches(
+        split, mesh, per_process_batch_size=sharding.per_process_batch_size(batch_size, mesh),
+        seed=0, start_step=0, crop_padding=crop_padding, random_flip=random_flip,
+    )  # fmt: skip
+
+
+def print_json(result: dict[str, Any], json_out: str | None) -> None:
+    """Prints `result` as one JSON line (a script's last line), and writes it to `json_out`."""
+    line = json.dumps(result)
+    if json_out:
+        pathlib.Path(json_out).write_text(line + "\n")
+    print(line)

@@ -29,7 +29,12 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from resnet_jax import sharding
-from resnet_jax.data.sources import DatasetError, DatasetSplit, steps_per_epoch
+from resnet_jax.data.sources import (
+    DatasetError,
+    DatasetSplit,
+    check_eval_capacity,
+    steps_per_epoch,
+)
 
 # Distinct stream tags keep the shuffle of epoch e and the augmentation of step s
 # (often equal numbers) from drawing the same random numbers.
@@ -230,16 +235,8 @@ def eval_batches(
     Raises:
       DatasetError: num_batches is too small to cover the shard.
     """
-    batch = per_process_batch_size
-    if batch <= 0:
-        raise DatasetError(f"per-process batch size {batch} must be positive.")
-    num_local = len(split.labels)
-    if num_batches * batch < num_local:
-        raise DatasetError(
-            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
-            f"this process: compute num_batches with num_eval_batches()."
-        )
-    return _eval_batches(split, batch, num_batches)
+    check_eval_capacity(len(split.labels), per_process_batch_size, num_batches)
+    return _eval_batches(split, per_process_batch_size, num_batches)
 
 
 def _eval_batches(split: DatasetSplit, batch: int, num_batches: int) -> Iterator[dict[str, Any]]:

@@ -108,9 +108,10 @@ def tfds_builder(config: Any) -> Any:
         builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DatasetError(
-            f"Unknown dataset {config.dataset!r}: config.dataset must be image_folder or "
-            f"the name of a tensorflow-datasets image classification dataset (cifar10, "
-            f"cifar100, imagenet2012, ...; see https://www.tensorflow.org/datasets/catalog)."
+            f"Unknown dataset {config.dataset!r}: config.dataset is neither image_folder nor a "
+            f"tensorflow-datasets dataset; use image_folder or the name of a tfds image "
+            f"classification dataset (cifar10, cifar100, imagenet2012, ...; see "
+            f"https://www.tensorflow.org/datasets/catalog)."
         ) from e
     features = builder.info.features
     label = features["label"] if "label" in features else None
@@ -161,7 +162,7 @@ def count_examples(config: Any, split: str) -> int:
     """
     if config.dataset == "image_folder":
         return len(list_image_folder(config, split).labels)
-    return _split_info(prepared_builder(config), config, split).num_examples
+    return split_info(prepared_builder(config), config, split).num_examples
 
 
 def normalization(config: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +196,31 @@ def _shard_bounds(num_examples: int, process_index: int, process_count: int) -> 
     )
 
 
+def process_position(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process_index, process_count), each defaulting to jax's; DatasetError if out of range."""
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise DatasetError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+    return process_index, process_count
+
+
+def check_eval_capacity(num_local: int, per_process_batch_size: int, num_batches: int) -> None:
+    """Raises DatasetError unless `num_batches` batches hold this process's `num_local` examples."""
+    batch = per_process_batch_size
+    if batch <= 0:
+        raise DatasetError(f"per-process batch size {batch} must be positive.")
+    if num_batches * batch < num_local:
+        raise DatasetError(
+            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
+            f"this process: compute num_batches with num_eval_batches()."
+        )
+
+
 def load_split(
     config: Any,
     split: str,
@@ -226,14 +252,7 @@ def load_split(
         dataset that cannot be downloaded, a missing or malformed image folder,
         an unreadable image file.
     """
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    if not 0 <= process_index < process_count:
-        raise DatasetError(
-            f"process_index={process_index} is not in [0, process_count={process_count})."
-        )
+    process_index, process_count = process_position(process_index, process_count)
     image_size = int(config.image_size)
     if image_size <= 0:
         raise DatasetError(f"config.image_size={image_size} must be positive, e.g. 32.")
@@ -379,7 +398,7 @@ def prepared_builder(config: Any, file_format: str | None = None) -> Any:
     return builder
 
 
-def _split_info(builder: Any, config: Any, split: str) -> Any:
+def split_info(builder: Any, config: Any, split: str) -> Any:
     if split not in builder.info.splits:
         raise DatasetError(
             f"tfds dataset {config.dataset!r} has no split {split!r}; it has "
@@ -392,7 +411,7 @@ def _load_tfds(
     config: Any, split: str, process_index: int, process_count: int
 ) -> tuple[np.ndarray, np.ndarray, int, tuple[str, ...]]:
     builder = prepared_builder(config)
-    num_examples = _split_info(builder, config, split).num_examples
+    num_examples = split_info(builder, config, split).num_examples
     names = tuple(builder.info.features["label"].names)
     shape = builder.info.features["image"].shape
     if None in shape[:2]:

@@ -39,7 +39,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import grain
-import jax
 import numpy as np
 from absl import flags
 from PIL import ExifTags, Image, ImageOps
@@ -235,14 +234,7 @@ def open_split(
         split, or a tfds dataset that is not prepared as array_record (the message
         gives the command that prepares it). Nothing is ever downloaded here.
     """
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    if not 0 <= process_index < process_count:
-        raise DatasetError(
-            f"process_index={process_index} is not in [0, process_count={process_count})."
-        )
+    process_index, process_count = sources.process_position(process_index, process_count)
     if config.dataset == "image_folder":
         records, num_examples, class_names = _open_image_folder(
             config, split, process_index, process_count
@@ -294,15 +286,7 @@ def _open_tfds(
     name = config.dataset
     data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
     manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        # tfds's message goes on to list every registered dataset: keep its first line.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DatasetError(
-            f"config.dataset={name!r} is neither image_folder nor a tensorflow-datasets "
-            f"dataset ({reason}): check the name, e.g. cifar100 or imagenet2012."
-        ) from e
+    builder = sources.tfds_builder(config)  # a known image classification dataset
     command = _prepare_command(name, data_dir, manual_dir)
     manual_hint = (
         ""
@@ -314,7 +298,7 @@ def _open_tfds(
     if not builder.is_prepared():
         raise DatasetError(
             f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and the "
-            f"streaming input never downloads. Prepare it once as array_record: {command} "
+            f"opening a split to stream never prepares it. Prepare it once as array_record: {command} "
             f"({manual_hint}`tfds build {name}{data_dir_flag} --file_format=array_record` "
             f"does the same where apache-beam is installed, which tfds 4.9's command line "
             f"needs). A small dataset (CIFAR) can instead use --config.input=device, which "
@@ -331,18 +315,8 @@ def _open_tfds(
             f"data_dir and pass it as --config.data_dir). A small dataset (CIFAR) can "
             f"instead use --config.input=device."
         )
-    if split not in info.splits:
-        raise DatasetError(
-            f"tfds dataset {name!r} has no split {split!r}: use one of {sorted(info.splits)}."
-        )
-    features = info.features
-    if "image" not in features or "label" not in features:
-        raise DatasetError(
-            f"tfds dataset {name!r} has features {sorted(features)}; the streaming input "
-            f"needs an 'image' and a 'label' feature (an image classification dataset)."
-        )
-    class_names = tuple(features["label"].names)
-    num_examples = info.splits[split].num_examples
+    num_examples = sources.split_info(builder, config, split).num_examples
+    class_names = tuple(info.features["label"].names)
     start, stop = sources._shard_bounds(num_examples, process_index, process_count)
     records = _TfdsRecords(name, data_dir, split, start, stop, os.fspath(builder.data_dir))
     return records, num_examples, class_names
@@ -718,8 +692,7 @@ def eval_batches(
       DatasetError: num_batches too small for the shard, or another bad argument.
     """
     batch = per_process_batch_size
-    if batch <= 0:
-        raise DatasetError(f"per-process batch size {batch} must be positive.")
+    sources.check_eval_capacity(len(split.records), batch, num_batches)
     if image_size <= 0:
         raise DatasetError(f"image_size={image_size} must be positive, e.g. 32 or 224.")
     if 0 < resize_size < image_size or resize_size < 0:
@@ -728,12 +701,6 @@ def eval_batches(
         )
     if num_workers < 0:
         raise DatasetError(f"num_workers={num_workers} must be >= 0 (0: no worker processes).")
-    num_local = len(split.records)
-    if num_batches * batch < num_local:
-        raise DatasetError(
-            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
-            f"this process: compute num_batches with num_eval_batches()."
-        )
     padded = _PaddedRecords(split.records, num_batches * batch)
     batches = (
         grain.MapDataset.source(padded)
