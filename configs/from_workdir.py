@@ -17,13 +17,22 @@ import ml_collections
 
 from configs import default
 
+# Keys that older versions wrote and that no longer have an effect: skipped when read.
+RETIRED_KEYS = {
+    "model.conv_impl",  # The CPU weight gradient, superseded by `cpu_convolutions`.
+}
 
-def _overlay(config: ml_collections.ConfigDict, values: dict[str, Any], where: str) -> None:
+
+def _overlay(
+    config: ml_collections.ConfigDict, values: dict[str, Any], where: str, prefix: str = ""
+) -> None:
     for key, value in values.items():
         if key not in config:
+            if prefix + key in RETIRED_KEYS:
+                continue
             raise ValueError(f"{where} has key {key!r}, which configs/default.py does not know")
         if isinstance(value, dict):
-            _overlay(config[key], value, where)
+            _overlay(config[key], value, where, f"{prefix}{key}.")
         elif isinstance(value, list):
             config[key] = tuple(value)
         else:

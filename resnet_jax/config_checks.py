@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from resnet_jax.compile_options import CPU_CONVOLUTIONS
 from resnet_jax.models import validate_model_config
 
 LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
@@ -42,6 +43,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         not (config.input == "device" and config.augment != "crop_flip"),
         f"input=device crops and flips the stored images only; augment={config.augment} "
         "needs the original files: use --config.input=stream (or auto).",
+    )
+    _require(
+        config.cpu_convolutions in CPU_CONVOLUTIONS,
+        f"Unknown cpu_convolutions {config.cpu_convolutions!r}. Valid choices: "
+        f"{', '.join(CPU_CONVOLUTIONS)} (see resnet_jax/compile_options.py).",
     )
     _require(
         config.input_workers >= -1,

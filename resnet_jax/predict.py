@@ -14,6 +14,7 @@ A file that cannot be read is reported (on stderr, and with --json as
 """
 
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpointing, train
+from resnet_jax import checkpointing, compile_options, train
 from resnet_jax.models import create_model
 
 FLAGS = flags.FLAGS
@@ -81,7 +82,10 @@ class Classifier:
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
         k = min(TOP_K, num_classes)
 
-        @jax.jit
+        # Checkpoints written before cpu_convolutions existed get the default.
+        options = compile_options.cpu_options(config.get("cpu_convolutions", "eigen"))
+
+        @functools.partial(jax.jit, compiler_options=options)
         def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
             logits = model.apply(variables, data.normalize(images, mean, std), train=False)
             return jax.lax.top_k(jax.nn.softmax(logits), k)

@@ -154,7 +154,7 @@ def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax import sharding, train
+    from resnet_jax import compile_options, sharding, train
 
     state, mesh, inputs = train.checkpoint_state(config, workdir, which, "--checkpoint=STEP")
     num_classes = state.params["fc"]["bias"].shape[0]
@@ -164,6 +164,7 @@ def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np
         in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
         out_shardings=replicated,
         donate_argnums=1,
+        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
     )
     counts = jax.jit(lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
                      out_shardings=replicated)()  # fmt: skip

@@ -33,7 +33,7 @@ from clu import metric_writers, metrics, periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from resnet_jax import checkpointing, config_checks, data, sharding
+from resnet_jax import checkpointing, compile_options, config_checks, data, sharding
 from resnet_jax.models import create_model
 
 _NO_STEP = np.iinfo(np.int32).max
@@ -301,6 +301,7 @@ def compile_eval_step(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
         in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
         out_shardings=replicated,
         donate_argnums=1,
+        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
     )
 
 
@@ -321,6 +322,7 @@ def compile_steps(
         in_shardings=(replicated, replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
+        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
     )
     return p_train_step, compile_eval_step(mesh, config)
 

@@ -271,8 +271,9 @@ def _print_table(result: dict[str, Any]) -> None:
         ("PyTorch train step", "torch_train_img_per_s", "images/s"),
         ("ours / PyTorch", "ratio_vs_torch", ""),
     ]
+    kernels = f", {result['cpu_convolutions']} convolutions" if result["cpu_convolutions"] else ""
     print(f"{result['model']}, batch {result['batch_size']}, {result['image_size']} px, "
-          f"{result['dtype']}, {result['devices']} x {result['device_kind']}")  # fmt: skip
+          f"{result['dtype']}, {result['devices']} x {result['device_kind']}{kernels}")  # fmt: skip
     for label, key, unit in rows:
         value = result.get(key)
         if value is None:
@@ -303,6 +304,8 @@ def main(argv: list[str]) -> None:
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "dtype": "bfloat16" if config.half_precision else "float32",
+        # The kernels of the convolutions on CPU (resnet_jax/compile_options.py).
+        "cpu_convolutions": config.cpu_convolutions if device.platform == "cpu" else None,
         "devices": mesh.devices.size,
         "device_kind": device.device_kind,
         "platform": device.platform,

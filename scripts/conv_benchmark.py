@@ -4,10 +4,11 @@
 
 For each stage of ResNet-18 on 32x32 inputs (32x32x64, 16x16x128, 8x8x256, 4x4x512; a
 3x3 stride-1 convolution, batch 128) it times, in GFLOP/s (2 x multiply-adds / median
-time): XLA's forward, input gradient and weight gradient; the weight gradient of
-resnet_jax/models/cpu_conv.py (what `model.conv_impl=cpu` uses); and, when PyTorch is
-importable, PyTorch's forward and backward (input and weight gradients together), NCHW
-and channels_last, on the same number of threads. Prints a table; the last line is JSON.
+time): XLA's forward, input gradient and weight gradient, compiled with each
+`cpu_convolutions` setting (resnet_jax/compile_options.py: "eigen", the default, and
+"xla_default"); and, when PyTorch is importable, PyTorch's forward and backward (input
+and weight gradients together), NCHW and channels_last, on the same number of threads.
+Prints a table; the last line is JSON.
 """
 
 import json
@@ -40,27 +41,33 @@ def _median_seconds(call) -> float:
 def jax_rates(size: int, channels: int) -> dict[str, float]:
     import jax
     import numpy as np
+    from jax import lax
 
-    from resnet_jax.models import cpu_conv
+    from resnet_jax import compile_options
 
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    passes = {
+        "forward": lambda x, w, g: conv(x, w),
+        "input_grad": lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0],
+        "weight_grad": lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+    }
     rng = np.random.default_rng(0)
     shape = (FLAGS.batch, size, size, channels)
     x = jax.numpy.asarray(rng.normal(size=shape).astype(np.float32))
     w = jax.numpy.asarray(rng.normal(size=(3, 3, channels, channels)).astype(np.float32))
     g = jax.numpy.asarray(rng.normal(size=shape).astype(np.float32))
     flops = 2 * FLAGS.batch * size * size * channels * channels * 9
-    calls = {
-        "xla_forward": jax.jit(cpu_conv._conv),
-        "xla_input_grad": jax.jit(lambda x, w, g: jax.vjp(lambda x: cpu_conv._conv(x, w), x)[1](g)[0]),
-        "xla_weight_grad": jax.jit(lambda x, w, g: jax.vjp(lambda w: cpu_conv._conv(x, w), w)[1](g)[0]),
-        "cpu_conv_weight_grad": jax.jit(lambda x, w, g: cpu_conv._backward((x, w), g)[1]),
-    }  # fmt: skip
     rates = {}
-    for name, fn in calls.items():
-        args = (x, w) if name == "xla_forward" else (x, w, g)
-        rates[name] = (
-            flops / _median_seconds(lambda fn=fn, args=args: jax.block_until_ready(fn(*args))) / 1e9
-        )
+    for setting in compile_options.CPU_CONVOLUTIONS:
+        options = compile_options.cpu_options(setting)
+        for name, fn in passes.items():
+            fn = jax.jit(fn, compiler_options=options)
+            seconds = _median_seconds(lambda fn=fn: jax.block_until_ready(fn(x, w, g)))
+            rates[f"{setting}_{name}"] = flops / seconds / 1e9
     return rates
 
 

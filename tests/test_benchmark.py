@@ -23,13 +23,14 @@ def test_benchmark_prints_a_table_and_json(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "resnet8, batch 16, 16 px, float32, 4 x cpu"
+    assert lines[0] == "resnet8, batch 16, 16 px, float32, 4 x cpu, eigen convolutions"
     assert any(line.split()[:2] == ["ours", "/"] for line in lines)
     data = json.loads(lines[-1])
     assert json.loads(out.read_text()) == data
     assert all(key in data for key in KEYS)
     assert all(data[key] > 0 for key in KEYS)
     assert data["devices"] == 4 and data["torch_device"] == "cpu"
+    assert data["cpu_convolutions"] == "eigen"
     assert data["ratio_vs_torch"] == data["train_img_per_s"] / data["torch_train_img_per_s"]
     assert data["loop_vs_step"] == data["loop_img_per_s"] / data["train_img_per_s"]
     # XLA's FLOP count of the whole step (all devices): forward and backward are about
@@ -41,10 +42,12 @@ def test_benchmark_without_torch_reports_null(tmp_path):
     result = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--config", "configs/smoke.py",
          "--config.model.name=plain8", "--config.batch_size=8", "--steps=1", "--repeats=1",
-         "--loop_window=1", "--loop_windows=1", "--input_batches=1"],
+         "--loop_window=1", "--loop_windows=1", "--input_batches=1",
+         "--config.cpu_convolutions=xla_default"],
         cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["torch_train_img_per_s"] is None and data["ratio_vs_torch"] is None
     assert "plain" in data["torch_note"] and data["devices"] == 1
+    assert data["cpu_convolutions"] == "xla_default"

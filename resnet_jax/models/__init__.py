@@ -17,8 +17,6 @@ How the ResNet settings apply to a DenseNet:
   ResNet. Prefer setting `growth_rate` itself; the two multiply.
 - `zero_init_residual=True` is refused: a DenseNet has no residual branch to start as the
   identity (plain nets accept and ignore it, to stay the twin of a ResNet config).
-- `conv_impl="cpu"` is supported: the dense layers' 3x3 convolutions take cpu_conv's
-  weight gradient (same values; its speed was measured on ResNet-18 only).
 - `stem` and `shortcut` are ignored: DenseNet-BC has one CIFAR layout and no shortcuts.
 """
 
@@ -43,7 +41,6 @@ TORCHVISION_DEPTHS = {
 PAPER_CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 STEMS = ("cifar", "imagenet")
 SHORTCUTS = ("A", "B")
-CONV_IMPLS = ("xla", "cpu")
 # The ResNets and their plain twins; the DenseNets are listed apart (DENSENET_NAMES).
 MODEL_NAMES = tuple(
     f"{kind}{depth}"
@@ -128,11 +125,6 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
             f"model.bn_momentum={model_config.bn_momentum} must be in [0, 1) "
             "(flax convention: 0.9 keeps 90% of the running statistics each step)."
         )
-    if model_config.get("conv_impl", "xla") not in CONV_IMPLS:
-        raise ValueError(
-            f"model.conv_impl={model_config.conv_impl!r} is not one of {CONV_IMPLS} (cpu: "
-            "a weight gradient for XLA:CPU, see resnet_jax/models/cpu_conv.py)."
-        )
     if not model_config.bn_epsilon > 0:
         raise ValueError(f"model.bn_epsilon={model_config.bn_epsilon} must be positive.")
     # Configs saved before DenseNet (a run's config.json, a checkpoint's) lack these keys.
@@ -177,7 +169,6 @@ def create_model(
             bn_momentum=model_config.bn_momentum,
             bn_epsilon=model_config.bn_epsilon,
             dtype=dtype,
-            conv_impl=model_config.get("conv_impl", "xla"),
         )
     kwargs: dict[str, Any] = {}
     if constructor.keywords.get("stem") is None:
@@ -191,6 +182,5 @@ def create_model(
         bn_momentum=model_config.bn_momentum,
         bn_epsilon=model_config.bn_epsilon,
         dtype=dtype,
-        conv_impl=model_config.get("conv_impl", "xla"),
         **kwargs,
     )

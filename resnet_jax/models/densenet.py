@@ -27,7 +27,6 @@ class DenseLayer(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -36,8 +35,7 @@ class DenseLayer(nn.Module):
         y = nn.relu(_batch_norm(name="bn1", **norm)(x))
         y = conv(4 * self.growth_rate, 1, 1, self.dtype, "conv1")(y)
         y = nn.relu(_batch_norm(name="bn2", **norm)(y))
-        # Only the 3x3 convolutions can take cpu_conv's weight gradient.
-        return conv(self.growth_rate, 3, 1, self.dtype, "conv2", self.conv_impl)(y)
+        return conv(self.growth_rate, 3, 1, self.dtype, "conv2")(y)
 
 
 class Transition(nn.Module):
@@ -68,8 +66,6 @@ class DenseNet(nn.Module):
         multiple of k or, after a transition, a fraction of one, so this scales them all.
       bn_momentum, bn_epsilon: BatchNorm settings (flax momentum convention).
       dtype: compute dtype; parameters and BN statistics are always float32.
-      conv_impl: "xla" or "cpu" (the dense layers' 3x3 convolutions get cpu_conv's weight
-        gradient; same values).
     """
 
     layers_per_block: int
@@ -80,7 +76,6 @@ class DenseNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -96,7 +91,6 @@ class DenseNet(nn.Module):
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
                     dtype=self.dtype,
-                    conv_impl=self.conv_impl,
                     name=f"block{block + 1}_layer{index}",
                 )(x, train)
                 # Each concatenation is a new buffer that autodiff keeps for the backward

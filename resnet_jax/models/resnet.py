@@ -17,8 +17,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_jax.models import cpu_conv
-
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -38,9 +36,7 @@ def _batch_norm(
     )
 
 
-def conv(
-    features: int, size: int, strides: int, dtype: Any, name: str, conv_impl: str = "xla"
-) -> nn.Conv:
+def conv(features: int, size: int, strides: int, dtype: Any, name: str) -> nn.Conv:
     """A size x size convolution without bias (a BatchNorm follows), float32 parameters."""
     # Explicit symmetric padding, as PyTorch pads: "SAME" would pad a stride-2 conv
     # on the bottom/right only, and imported weights would see shifted inputs.
@@ -48,7 +44,6 @@ def conv(
     return nn.Conv(
         features, (size, size), strides, padding=padding, use_bias=False,
         kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name,
-        conv_general_dilated=cpu_conv.conv_general_dilated if conv_impl == "cpu" else None,
     )  # fmt: skip
 
 
@@ -63,12 +58,11 @@ class _Block(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"  # "cpu": see models/cpu_conv.py.
 
     expansion = 1
 
     def conv(self, features: int, size: int, strides: int, name: str) -> nn.Conv:
-        return conv(features, size, strides, self.dtype, name, self.conv_impl)
+        return conv(features, size, strides, self.dtype, name)
 
     def norm(self, train: bool, name: str, last: bool = False) -> nn.BatchNorm:
         # Zero-init only where a shortcut carries the signal past the branch.
@@ -141,8 +135,6 @@ class ResNet(nn.Module):
       zero_init_residual: zero the scale of each residual branch's last BN.
       bn_momentum, bn_epsilon: BatchNorm settings (flax momentum convention).
       dtype: compute dtype; parameters and BN statistics are always float32.
-      conv_impl: "xla" (lax.conv_general_dilated) or "cpu" (the residual blocks' 3x3
-        convolutions get a weight gradient that is faster on XLA:CPU; same values).
     """
 
     stage_sizes: Sequence[int]
@@ -157,7 +149,6 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
-    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -186,7 +177,6 @@ class ResNet(nn.Module):
                     bn_momentum=self.bn_momentum,
                     bn_epsilon=self.bn_epsilon,
                     dtype=self.dtype,
-                    conv_impl=self.conv_impl,
                     name=f"layer{stage + 1}_{index}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
