@@ -3,11 +3,14 @@
     python scripts/benchmark.py --config configs/resnet18.py
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/benchmark.py  # 4 CPU devices
 
-Measures, after warm-up, as medians over --repeats runs of --steps steps each:
+Measures, after warm-up, as medians:
 - train: the project's compiled train step (train.compile_steps, state donated, the
-  batch already on the devices), images/s; also its compile time, XLA's FLOP count (all
-  devices) and memory estimate (per device) for it, the device's peak memory where it
-  reports one (GPU, TPU), and on known GPUs/TPUs the achieved fraction of peak FLOP/s;
+  batch already on the devices), images/s over --repeats rounds of --steps steps, the
+  rounds alternating with PyTorch's and split before and after the training loop (a
+  shared machine's speed drifts: each comparison sees the same conditions); also its
+  compile time, XLA's FLOP count (all devices) and memory estimate (per device), the
+  device's peak memory where it reports one (GPU, TPU), and on known GPUs/TPUs the
+  achieved fraction of peak FLOP/s;
 - eval: the compiled eval step, images/s;
 - input: the device-resident training input (data.device.DeviceTrainBatches with the
   configured crop and flip, uint8 batches drawn on the devices) on random uint8 images,
@@ -31,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,9 +51,11 @@ config_flags.DEFINE_config_file(
     "config", str(_CHECKOUT / "configs" / "resnet18.py"), "Config file.", lock_config=False
 )
 flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
-flags.DEFINE_integer("repeats", 3, "Repeats; the median is reported.")
+flags.DEFINE_integer(
+    "repeats", 4, "Timed rounds of the train step (and of PyTorch's); the median is reported."
+)
 flags.DEFINE_integer("loop_window", 5, "Steps per logging window of the training loop.")
-flags.DEFINE_integer("loop_windows", 2, "Timed windows of the training loop (after a first).")
+flags.DEFINE_integer("loop_windows", 4, "Timed windows of the training loop (after a first).")
 flags.DEFINE_integer("input_batches", 20, "Batches the input pipeline makes per repeat.")
 flags.DEFINE_bool("torch", True, "Time PyTorch too, when it is importable.")
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
@@ -76,7 +82,13 @@ def _peak_flops(device, half_precision: bool) -> float | None:
     return None
 
 
-def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
+def bench_steps(config, mesh, num_classes: int) -> tuple[dict[str, Any], Callable[[], float]]:
+    """Compiles and measures the eval step; returns the figures and a timer of train steps.
+
+    The timer runs --steps train steps (state and metrics donated, the batch already on
+    the devices) and returns their images/s; main calls it in rounds interleaved with
+    PyTorch's and around the training loop.
+    """
     import jax
     import numpy as np
 
@@ -98,9 +110,17 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
     flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
     flops = flops_per_device * mesh.devices.size
     step_bytes = timing.footprint_bytes(compiled)
-    train_img, state = timing.train_rate(
-        p_train_step, state, metrics, batch, FLAGS.steps, FLAGS.repeats
-    )
+    holder = {"state": state, "metrics": metrics}
+
+    def train_steps(count: int) -> None:
+        for _ in range(count):
+            holder["state"], holder["metrics"] = compiled(holder["state"], holder["metrics"], batch)
+        jax.block_until_ready(holder["state"].params)
+
+    def train_round() -> float:
+        return timing.median_rate(lambda: train_steps(FLAGS.steps), FLAGS.steps * batch_size, 1)
+
+    train_steps(timing.WARMUP_STEPS)
 
     eval_size = config.eval_batch_size
     eval_local = sharding.per_process_batch_size(eval_size, mesh, "eval_batch_size")
@@ -109,7 +129,9 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
 
     def eval_steps(count):
         for _ in range(count):
-            eval_holder["metrics"] = p_eval_step(state, eval_holder["metrics"], eval_batch)
+            eval_holder["metrics"] = p_eval_step(
+                holder["state"], eval_holder["metrics"], eval_batch
+            )
         jax.block_until_ready(eval_holder["metrics"])
 
     eval_steps(timing.WARMUP_STEPS)
@@ -117,24 +139,30 @@ def bench_steps(config, mesh, num_classes: int) -> dict[str, Any]:
         lambda: eval_steps(FLAGS.steps), FLAGS.steps * eval_size, FLAGS.repeats
     )
 
-    device = mesh.devices.flat[0]
     result = {
-        "train_img_per_s": train_img,
         "eval_img_per_s": eval_img,
         "compile_s": compile_s,
         "train_step_gflop": flops / 1e9,
         "train_step_memory_bytes_per_device": step_bytes,
-        "achieved_tflop_per_s": flops * train_img / batch_size / 1e12 if flops else None,
-        "fraction_of_peak": None,
-        "device_peak_bytes": None,
+        "_flops_per_device": flops_per_device,
     }
+    return result, train_round
+
+
+def flop_rates(result: dict[str, Any], config, mesh) -> None:
+    """Adds the achieved FLOP/s, the fraction of the device's peak and its peak memory."""
+    flops_per_device = result.pop("_flops_per_device")
+    per_image = result["train_step_gflop"] * 1e9 / config.batch_size
+    train_img = result["train_img_per_s"]
+    result["achieved_tflop_per_s"] = per_image * train_img / 1e12 if per_image else None
+    result["fraction_of_peak"] = result["device_peak_bytes"] = None
+    device = mesh.devices.flat[0]
     peak = _peak_flops(device, config.half_precision)
-    if peak and flops:
-        result["fraction_of_peak"] = flops_per_device * train_img / batch_size / peak
+    if peak and flops_per_device:
+        result["fraction_of_peak"] = flops_per_device * train_img / config.batch_size / peak
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    return result
 
 
 def bench_input(config) -> dict[str, Any]:
@@ -196,21 +224,25 @@ def bench_loop(config, num_classes: int) -> dict[str, Any]:
     return {"loop_img_per_s": statistics.median(timed) if timed else None}
 
 
-def bench_torch(config, num_classes: int) -> dict[str, Any]:
-    """The same network and SGD step in PyTorch (eager), on the GPU if torch sees one."""
-    none = {"torch_train_img_per_s": None, "torch_device": None, "torch_threads": None}
+def bench_torch(config, num_classes: int) -> tuple[dict[str, Any], Callable[[], float] | None]:
+    """The same network and SGD step in PyTorch (eager), on the GPU if torch sees one.
+
+    Returns what was set up and a timer of --steps PyTorch steps (images/s), or None with
+    a note saying why there is none.
+    """
+    none = {"torch_device": None, "torch_threads": None}
     if not FLAGS.torch:
-        return {**none, "torch_note": "--notorch"}
+        return {**none, "torch_note": "--notorch"}, None
     try:
         import torch
 
         from resnet_jax import torch_resnet
     except ImportError:
-        return {**none, "torch_note": "PyTorch is not installed"}
+        return {**none, "torch_note": "PyTorch is not installed"}, None
     try:
         model = torch_resnet.from_config(config.model, num_classes)
     except ValueError as e:
-        return {**none, "torch_note": str(e)}
+        return {**none, "torch_note": str(e)}, None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)  # XLA:CPU uses one thread per core too.
@@ -239,11 +271,13 @@ def bench_torch(config, num_classes: int) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    steps(2)
-    rate = timing.median_rate(lambda: steps(FLAGS.steps), FLAGS.steps * config.batch_size,
-                        FLAGS.repeats)  # fmt: skip
-    return {"torch_train_img_per_s": rate, "torch_device": device, "torch_threads": threads,
-            "torch_version": torch.__version__}  # fmt: skip
+    steps(timing.WARMUP_STEPS)
+
+    def torch_round() -> float:
+        return timing.median_rate(lambda: steps(FLAGS.steps), FLAGS.steps * config.batch_size, 1)
+
+    info = {"torch_device": device, "torch_threads": threads, "torch_version": torch.__version__}
+    return info, torch_round
 
 
 def _num_classes(config) -> int:
@@ -315,10 +349,30 @@ def main(argv: list[str]) -> None:
     }
     logging.info("Benchmarking %s on %d x %s.", config.model.name, mesh.devices.size,
                  device.device_kind)  # fmt: skip
-    result.update(bench_steps(config, mesh, num_classes))
+    steps, train_round = bench_steps(config, mesh, num_classes)
+    result.update(steps)
+    torch_info, torch_round = bench_torch(config, num_classes)
+    result.update(torch_info)
+    # This machine's speed drifts (other tenants, clocks): the train step is timed in
+    # rounds alternating with PyTorch's, half before and half after the training loop,
+    # so each comparison sees the same conditions.
+    train_rates, torch_rates = [], []
+
+    def rounds(count: int) -> None:
+        for _ in range(count):
+            train_rates.append(train_round())
+            if torch_round:
+                torch_rates.append(torch_round())
+
+    rounds((FLAGS.repeats + 1) // 2)
     result.update(bench_input(config))
     result.update(bench_loop(config, num_classes))
-    result.update(bench_torch(config, num_classes))
+    rounds(FLAGS.repeats - (FLAGS.repeats + 1) // 2)
+    result["train_img_per_s"] = statistics.median(train_rates)
+    result["train_img_per_s_rounds"] = train_rates
+    result["torch_train_img_per_s"] = statistics.median(torch_rates) if torch_rates else None
+    result["torch_train_img_per_s_rounds"] = torch_rates
+    flop_rates(result, config, mesh)
     result["loop_vs_step"] = (
         result["loop_img_per_s"] / result["train_img_per_s"] if result["loop_img_per_s"] else None
     )

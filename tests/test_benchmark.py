@@ -32,6 +32,10 @@ def test_benchmark_prints_a_table_and_json(tmp_path):
     assert data["devices"] == 4 and data["torch_device"] == "cpu"
     assert data["cpu_convolutions"] == "eigen"
     assert data["ratio_vs_torch"] == data["train_img_per_s"] / data["torch_train_img_per_s"]
+    # --repeats=2: one round of each before the training loop, one after.
+    for key in ("train_img_per_s", "torch_train_img_per_s"):
+        rounds = data[f"{key}_rounds"]
+        assert len(rounds) == 2 and data[key] == sum(rounds) / 2
     assert data["loop_vs_step"] == data["loop_img_per_s"] / data["train_img_per_s"]
     # XLA's FLOP count of the whole step (all devices): forward and backward are about
     # 3 x the forward, which --mode=summary counts as 384,926 FLOPs per image (4 classes).
@@ -51,3 +55,23 @@ def test_benchmark_without_torch_reports_null(tmp_path):
     assert data["torch_train_img_per_s"] is None and data["ratio_vs_torch"] is None
     assert "plain" in data["torch_note"] and data["devices"] == 1
     assert data["cpu_convolutions"] == "xla_default"
+
+
+def test_step_profile_splits_the_step_by_compiled_operation(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/step_profile.py", "--config", "configs/smoke.py",
+         "--config.batch_size=8", "--steps=2", "--top=5"],
+        cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("resnet8, batch 8, 16 px, 1 x cpu: ")
+    data = json.loads(lines[-1])
+    kinds = data["ms_by_kind"]
+    # The kinds share out the measured step: what the trace does not name is the rest.
+    assert abs(sum(kinds.values()) - data["step_ms"]) < 0.01 * data["step_ms"] or (
+        kinds["not attributed"] == 0
+    )
+    assert kinds["transpose/copy"] > 0 and kinds["other fusion"] > 0
+    assert len(data["top_ms"]) == 5
+    assert all("fusion" in name or "conv" in name or "copy" in name for name in data["top_ms"])
