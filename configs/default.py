@@ -89,8 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay_all = False
     config.label_smoothing = 0.0
     config.half_precision = False  # bfloat16 compute; params and BN statistics stay float32.
-    # Kernels of the convolutions when training or evaluating on CPU: "eigen" (XLA's own,
-    # 1.4x the train step of the default for ResNet-18) or "xla_default" (XLA's choice,
+    # Kernels of the convolutions when training or evaluating on CPU: "eigen" (XLA's own;
+    # about twice the ResNet-18 train step of the other) or "xla_default" (XLA's choice,
     # YNNPACK in jax 0.10). No effect on GPU and TPU. See resnet_jax/compile_options.py.
     config.cpu_convolutions = "eigen"
 
