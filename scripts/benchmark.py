@@ -144,22 +144,21 @@ def bench_steps(config, mesh, num_classes: int) -> tuple[dict[str, Any], Callabl
         "compile_s": compile_s,
         "train_step_gflop": flops / 1e9,
         "train_step_memory_bytes_per_device": step_bytes,
-        "_flops_per_device": flops_per_device,
     }
     return result, train_round
 
 
 def flop_rates(result: dict[str, Any], config, mesh) -> None:
     """Adds the achieved FLOP/s, the fraction of the device's peak and its peak memory."""
-    flops_per_device = result.pop("_flops_per_device")
+    # XLA counts the program one device runs; train_step_gflop is over all devices.
     per_image = result["train_step_gflop"] * 1e9 / config.batch_size
     train_img = result["train_img_per_s"]
     result["achieved_tflop_per_s"] = per_image * train_img / 1e12 if per_image else None
     result["fraction_of_peak"] = result["device_peak_bytes"] = None
     device = mesh.devices.flat[0]
     peak = _peak_flops(device, config.half_precision)
-    if peak and flops_per_device:
-        result["fraction_of_peak"] = flops_per_device * train_img / config.batch_size / peak
+    if peak and per_image:
+        result["fraction_of_peak"] = per_image * train_img / mesh.devices.size / peak
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
