@@ -61,5 +61,7 @@ def get_config(variant: str = ""):
         config.eval_every_steps = 250
         config.checkpoint_every_steps = 250
     elif variant:
-        raise ValueError(f"Unknown variant {variant!r} of configs/fashion_mnist.py: use :degradation.")
+        raise ValueError(
+            f"Unknown variant {variant!r} of configs/fashion_mnist.py: use :degradation."
+        )
     return config

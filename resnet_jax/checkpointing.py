@@ -19,6 +19,7 @@ The input pipeline is a pure function of (data, seed, step), so the step and the
 recorded here are the whole state of the data order and augmentation randomness.
 """
 
+import enum
 import hashlib
 import json
 from typing import Any
@@ -55,7 +56,39 @@ class CorruptCheckpointError(CheckpointError):
         self.proven = proven
 
 
+def absolute_workdir(workdir: str | epath.Path) -> epath.Path:
+    """`workdir` as an absolute path (Orbax needs one); URLs such as gs://... stay as given."""
+    path = epath.Path(workdir).expanduser()
+    # epath's absolute() would prefix a gs:// path with the working directory.
+    return path if path.is_absolute() else path.absolute()
+
+
+class UnusableStepError(CheckpointError):
+    """A step that was asked for by name cannot be used; other steps may be.
+
+    The command that asked adds the flag that picks another step (`with_flag`).
+    """
+
+    def __init__(self, step: int, directory: Any, problem: str, available: list[int]):
+        self.step, self.directory, self.problem = step, directory, problem
+        self.others = [s for s in available if s != step]
+        super().__init__(self.message())
+
+    def message(self, flag: str | None = None) -> str:
+        where = f"Checkpoint step {self.step} in {self.directory} {self.problem}."
+        if flag is None:
+            return f"{where} Other steps: {self.others}."
+        return f"{where} Use another step with {flag} (available: {self.others})."
+
+    def with_flag(self, flag: str) -> CheckpointError:
+        """The same error, saying which flag of the command picks another step."""
+        return CheckpointError(self.message(flag))
+
+
 def _path_name(path: tuple) -> str:
+    # Not jax.tree_util.keystr(simple=True): it writes an optax NamedTuple field as
+    # "trace" where this writes ".trace", and saved checkpoints hold these names in their
+    # fingerprints and shapes; another spelling would fail every existing checkpoint.
     return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
@@ -71,6 +104,8 @@ def fingerprint(tree: Any) -> str:
 
 
 def shapes(tree: Any) -> dict[str, list[int]]:
+    # flax.traverse_util.flatten_dict would do for the model, but not for optax's states
+    # (NamedTuples and tuples, not dicts).
     return {
         _path_name(path): list(np.shape(leaf))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -301,18 +336,23 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.
     return targets
 
 
-# Outcomes of trying a step, ordered by severity: all processes act on the worst one.
-_RESTORED, _UNREADABLE, _ALTERED, _UNUSABLE = range(4)
+class Outcome(enum.IntEnum):
+    """What trying to restore a step gave, by severity: all processes act on the worst one."""
+
+    RESTORED = 0
+    UNREADABLE = 1  # Reading failed (damaged files, or this machine's storage).
+    ALTERED = 2  # Read, but not what was written (fingerprint, metadata).
+    UNUSABLE = 3  # Does not fit the model or optimizer, or another error.
 
 
-def _agree(outcome: int) -> tuple[int, int]:
+def _agree(outcome: Outcome) -> tuple[Outcome, int]:
     """The worst outcome over all processes, and the first process that had it."""
     if jax.process_count() == 1:
         return outcome, 0
     from jax.experimental import multihost_utils
 
     outcomes = np.asarray(multihost_utils.process_allgather(np.int32(outcome))).reshape(-1)
-    return int(outcomes.max()), int(outcomes.argmax())
+    return Outcome(int(outcomes.max())), int(outcomes.argmax())
 
 
 def restore_for_resume(
@@ -335,23 +375,23 @@ def restore_for_resume(
     steps = sorted(manager.all_steps(), reverse=True)
     failed: dict[int, str] = {}
     for step in steps:
-        outcome, error, restored = _UNUSABLE, None, None
+        outcome, error, restored = Outcome.UNUSABLE, None, None
         try:
             restored = restore(manager, step, model_tree(state), optimizer_tree(state))
-            outcome = _RESTORED
+            outcome = Outcome.RESTORED
         except CorruptCheckpointError as e:
-            outcome, error = (_ALTERED if e.proven else _UNREADABLE), e
+            outcome, error = (Outcome.ALTERED if e.proven else Outcome.UNREADABLE), e
         except Exception as e:  # Reported below, once every process knows.
             error = e
         worst, process = _agree(outcome)
-        if worst == _UNUSABLE:
-            if outcome == _UNUSABLE:
+        if worst == Outcome.UNUSABLE:
+            if outcome == Outcome.UNUSABLE:
                 raise error
             raise CheckpointError(
                 f"Process {process} could not use checkpoint step {step} in "
                 f"{manager.directory}; its log says why."
             )
-        if worst != _RESTORED:
+        if worst != Outcome.RESTORED:
             failed[step] = str(error) if error else f"process {process} could not read it"
             continue
         model, optimizer, meta = restored
@@ -360,8 +400,13 @@ def restore_for_resume(
             for (bad, why), target in zip(failed.items(), moved, strict=True):
                 logging.warning(
                     "Checkpoint step %d in %s is corrupt (%s), while step %d reads fine: "
-                    "moved it to %s.", bad, manager.directory, why, step, target,
-                )  # fmt: skip
+                    "moved it to %s.",
+                    bad,
+                    manager.directory,
+                    why,
+                    step,
+                    target,
+                )
         state = state.replace(
             params=model["params"],
             batch_stats=model["batch_stats"],

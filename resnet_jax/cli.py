@@ -8,6 +8,7 @@ import logging as std_logging
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Callable
 
 # TensorFlow only prepares and reads data here. Keep its C++ INFO lines off the console,
@@ -64,11 +65,19 @@ def quiet_libraries() -> None:
 
 
 def exit_on_user_error(
-    function: Callable[[], None], extra: tuple[type[Exception], ...] = ()
+    function: Callable[[], None],
+    extra: tuple[type[Exception], ...] = (),
+    step_flag: str = "--config.eval_checkpoint=STEP",
 ) -> None:
-    """Runs `function`; a USER_ERRORS (or `extra`) exception exits 1 with an `error:` line."""
+    """Runs `function`; a USER_ERRORS (or `extra`) exception exits 1 with an `error:` line.
+
+    A checkpoint step that cannot be used is reported with `step_flag`, the command's way
+    of choosing another step.
+    """
     try:
         function()
+    except checkpointing.UnusableStepError as e:
+        sys.exit(f"error: {e.with_flag(step_flag)}")
     except (*USER_ERRORS, *extra) as e:
         sys.exit(f"error: {e}")
 
@@ -93,9 +102,12 @@ def config_error(error: Exception) -> str:
     if isinstance(error, (AttributeError, KeyError)):
         key, *hint = _error_lines(error)
         return " ".join(
-            [f"error: no config key {key}.", *hint,
-             "Every key, with its meaning, is in configs/default.py."]
-        )  # fmt: skip
+            [
+                f"error: no config key {key}.",
+                *hint,
+                "Every key, with its meaning, is in resnet_jax/defaults.py.",
+            ]
+        )
     return (
         f"error: cannot load the config: {_error_lines(error)[-1]}. Check the --config path "
         "(relative to the working directory) and the file, for example --config "
@@ -116,3 +128,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a config file can fail to load for any reason.
         sys.exit(config_error(e))
     return rest
+
+
+class Progress:
+    """A progress line on stderr, `LABEL: done/total UNIT (%), rate, time left`.
+
+    Redrawn in place on a terminal; elsewhere (logs, pipes) printed every ~10% and at the end.
+    """
+
+    def __init__(self, total: int, label: str, unit: str):
+        self.total, self.start, self.shown = total, time.monotonic(), 0
+        self.label, self.unit = label, unit
+        self.interactive = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if not self.interactive and done < self.total and done - self.shown < self.total / 10:
+            return
+        self.shown = done
+        elapsed = time.monotonic() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        line = (
+            f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
+            f"{rate:.1f} {self.unit}/s, {eta:.0f} s left"
+        )
+        end = "\n" if done == self.total or not self.interactive else ""
+        print(f"\r{line}" if self.interactive else line, end=end, file=sys.stderr, flush=True)

@@ -44,8 +44,9 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
     except jax.errors.JaxRuntimeError as e:
         logging.warning(
             "cpu_convolutions=eigen has no effect with this jaxlib (%s): XLA's default "
-            "convolution kernels are used.", str(e).splitlines()[0],
-        )  # fmt: skip
+            "convolution kernels are used.",
+            str(e).splitlines()[0],
+        )
         return False
     return True
 

@@ -71,6 +71,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
     _require(
+        isinstance(config.seed, int) and config.seed >= 0,
+        f"seed={config.seed} must be a non-negative integer.",
+    )
+    _require(
         config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
         f"num_train_steps={config.num_train_steps}, num_epochs={config.num_epochs}: set "
         "num_train_steps to a positive count, or to -1 with num_epochs > 0.",
@@ -102,3 +106,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         checkpoint in ("latest", "best") or (checkpoint.isdigit()),
         f"eval_checkpoint={config.eval_checkpoint!r} must be 'latest', 'best' or a step number.",
     )
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> int:
+    """The model's output count: the dataset's, unless the config sets a compatible one.
+
+    Raises:
+      ConfigError: model.num_classes is set below the dataset's number of classes.
+    """
+    wanted = config.model.num_classes
+    if wanted is not None and wanted < dataset_classes:
+        raise ConfigError(
+            f"model.num_classes={wanted} but dataset {config.dataset!r} has {dataset_classes} "
+            f"classes. Unset it or use --config.model.num_classes={dataset_classes}."
+        )
+    return wanted or dataset_classes

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_jax import checkpointing, config_checks, train
+from resnet_jax import checkpointing, config_checks, defaults, steps
 from resnet_jax.models import ResNet, create_model, model_constructor
 
 FLAGS = flags.FLAGS
@@ -200,7 +200,7 @@ def import_config(
     model_name: str, tensors: dict[str, np.ndarray], dataset: str | None
 ) -> ml_collections.ConfigDict:
     """The config of a run whose model holds `tensors`, and the preprocessing they expect."""
-    config = _default_config()
+    config = defaults.get_config()
     try:
         constructor = model_constructor(model_name)
     except ValueError as e:
@@ -252,14 +252,6 @@ def import_config(
     return config
 
 
-def _default_config() -> ml_collections.ConfigDict:
-    """configs/default.py, which lives in the checkout beside the package."""
-    cli.use_checkout_configs()
-    from configs import default
-
-    return default.get_config()
-
-
 def _class_names(
     path: str | None, config: ml_collections.ConfigDict, count: int, data_dir: str | None
 ) -> list[str]:
@@ -294,7 +286,7 @@ def import_state_dict(
     data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Writes step 0 of WORKDIR/checkpoints from a PyTorch state_dict; returns a summary."""
-    workdir_path = train.absolute_workdir(workdir)
+    workdir_path = checkpointing.absolute_workdir(workdir)
     if (workdir_path / checkpointing.CHECKPOINT_DIR).exists():
         raise checkpointing.CheckpointError(
             f"{workdir_path} already holds checkpoints; nothing was written. Import into a "
@@ -304,13 +296,12 @@ def import_state_dict(
     config = import_config(model_name, tensors, dataset)
     class_names = _class_names(class_names_file, config, config.model.num_classes, data_dir)
     model = create_model(config.model, config.model.num_classes)
-    image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), np.float32)
-    template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    template = steps.variables_template(model, config.image_size)
     variables = convert(tensors, template)
-    tx = train.create_optimizer(config, optax.constant_schedule(config.learning_rate))
+    tx = steps.create_optimizer(config, optax.constant_schedule(config.learning_rate))
     # On the device, as training's initialisation makes it (the step an int32 array).
     state = jax.device_put(
-        train.TrainState.create(
+        steps.TrainState.create(
             apply_fn=model.apply,
             params=variables["params"],
             batch_stats=variables["batch_stats"],
@@ -361,7 +352,7 @@ def main(argv: list[str]) -> None:
                 FLAGS.dataset,
                 FLAGS.class_names,
                 FLAGS.data_dir,
-            )  # fmt: skip
+            )
         )
 
     cli.exit_on_user_error(run, extra=(ConversionError,))

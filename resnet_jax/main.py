@@ -73,14 +73,14 @@ def _run(config) -> None:
     if FLAGS.distributed:
         _initialize_distributed()
     data.hide_accelerators_from_tensorflow()
-    from resnet_jax import train
+    from resnet_jax import evaluate, train
 
     if FLAGS.mode == "train":
         result = train.train_and_evaluate(config, FLAGS.workdir)
         if result.get("preempted"):
             sys.exit(train.PREEMPTED_EXIT_STATUS)
     else:
-        print(json.dumps(train.evaluate_checkpoint(config, FLAGS.workdir)))
+        print(json.dumps(evaluate.evaluate_checkpoint(config, FLAGS.workdir)))
 
 
 def _initialize_distributed() -> None:
@@ -101,8 +101,11 @@ def _initialize_distributed() -> None:
     )
     logging.info(
         "Process %d of %d; %d local of %d devices.",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )  # fmt: skip
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpointing, compile_options, train
-from resnet_jax.models import create_model
+from resnet_jax import checkpointing, compile_options, evaluate
+from resnet_jax.models import create_model, validate_model_config
 
 FLAGS = flags.FLAGS
 
@@ -55,15 +54,22 @@ class Classifier:
     """A checkpoint's model with its preprocessing and class names, ready to classify."""
 
     def __init__(self, workdir: str, which: str = "latest"):
-        manager, self.step = train.open_checkpoint(train.absolute_workdir(workdir), which)
+        manager, self.step = evaluate.open_checkpoint(
+            checkpointing.absolute_workdir(workdir), which
+        )
         try:
             meta = checkpointing.read_meta(manager, self.step)
         except checkpointing.CorruptCheckpointError as e:
-            raise checkpointing.CheckpointError(
-                f"Checkpoint step {self.step} in {manager.directory} is unusable: {e}. "
-                f"Choose another with --checkpoint=STEP (available: {manager.all_steps()})."
+            raise checkpointing.UnusableStepError(
+                self.step, manager.directory, f"is unusable: {e}", manager.all_steps()
             ) from e
         config = ml_collections.ConfigDict(meta["config"])
+        try:
+            validate_model_config(config.model)
+        except ValueError as e:
+            raise checkpointing.UnusableStepError(
+                self.step, manager.directory, f"records an invalid model: {e}", manager.all_steps()
+            ) from e
         num_classes = meta["shapes"]["params/fc/bias"][0]
         self.preprocessing = meta.get("preprocessing") or data.preprocessing(config)
         names = meta.get("class_names") or []
@@ -71,13 +77,12 @@ class Classifier:
             names = [f"class {i}" for i in range(num_classes)]
         self.class_names = list(names)
         model = create_model(config.model, num_classes, config.half_precision)
-        variables = train.restore_model(
+        variables = evaluate.restore_model(
             manager,
             self.step,
             model,
             self.preprocessing["image_size"],
             jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
-            how_to_choose="--checkpoint=STEP",
         )
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
         k = min(TOP_K, num_classes)
@@ -136,28 +141,6 @@ def expand_paths(arguments: list[str]) -> list[pathlib.Path]:
     return paths
 
 
-class _Progress:
-    """A progress line on stderr: redrawn in place on a terminal, every ~10% otherwise."""
-
-    def __init__(self, total: int):
-        self.total, self.start, self.shown = total, time.monotonic(), 0
-        self.interactive = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        if not self.interactive and done < self.total and done - self.shown < self.total / 10:
-            return
-        self.shown = done
-        elapsed = time.monotonic() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = (
-            f"predict: {done}/{self.total} images ({100 * done / self.total:.0f}%), "
-            f"{rate:.1f} images/s, {eta:.0f} s left"
-        )
-        end = "\n" if done == self.total or not self.interactive else ""
-        print(f"\r{line}" if self.interactive else line, end=end, file=sys.stderr, flush=True)
-
-
 def _read_chunk(
     classifier: Classifier, paths: list[pathlib.Path], pool: concurrent.futures.Executor
 ) -> Iterator[tuple[pathlib.Path, np.ndarray | None, str | None]]:
@@ -176,7 +159,7 @@ def predict_files(
 ) -> int:
     """Classifies `paths` in order, printing each result; returns how many failed."""
     failed = 0
-    progress = _Progress(len(paths)) if len(paths) > batch_size else None
+    progress = cli.Progress(len(paths), "predict", "images") if len(paths) > batch_size else None
     # PIL releases the GIL while decoding and resizing: threads use every core.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         for start in range(0, len(paths), batch_size):
@@ -223,7 +206,7 @@ def main(argv: list[str]) -> None:
         classifier = Classifier(FLAGS.workdir, FLAGS.checkpoint)
         failed = predict_files(classifier, paths, FLAGS.batch_size, FLAGS.json)
 
-    cli.exit_on_user_error(run)
+    cli.exit_on_user_error(run, step_flag="--checkpoint=STEP")
     if failed:
         sys.exit(f"error: {failed} of {len(paths)} files could not be classified (listed above).")
 

@@ -19,7 +19,6 @@ the evaluation. The evaluation logs its progress; it runs in one process.
 import csv
 import json
 import pathlib
-import time
 from typing import Any
 
 from absl import app, flags, logging
@@ -55,9 +54,11 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", "latest", "Checkpoint to evaluate: latest, best or a step.")
     flags.DEFINE_bool("curves_only", False, "Only the curves; no evaluation, no confusion matrix.")
     config_flags.DEFINE_config_file(
-        "config", None, "Config of the evaluation (default: the run's config.json).",
+        "config",
+        None,
+        "Config of the evaluation (default: the run's config.json).",
         lock_config=True,
-    )  # fmt: skip
+    )
     flags.mark_flag_as_required("workdir")
 
 
@@ -154,35 +155,23 @@ def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np
     import jax
     import jax.numpy as jnp
 
-    from resnet_jax import compile_options, sharding, train
+    from resnet_jax import evaluate, sharding, steps
 
-    state, mesh, inputs = train.checkpoint_state(config, workdir, which, "--checkpoint=STEP")
+    state, mesh, inputs = evaluate.checkpoint_state(config, workdir, which)
     num_classes = state.params["fc"]["bias"].shape[0]
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(
-        train.with_normalized_images(confusion_step, config),
-        in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
-        out_shardings=replicated,
-        donate_argnums=1,
-        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
-    )
-    counts = jax.jit(lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
-                     out_shardings=replicated)()  # fmt: skip
-    start = time.perf_counter()
-    shown = [0.0]
+    step_fn = steps.compile_batch_fn(confusion_step, mesh, config)
+    counts = jax.jit(
+        lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
+        out_shardings=sharding.replicated(mesh),
+    )()
+    progress = None
 
-    def progress(done: int, total: int) -> None:
-        # Every 10% (and the last batch), with the time left at the rate so far.
-        if done == total or done / total >= shown[0] + 0.1:
-            shown[0] = done / total
-            elapsed = time.perf_counter() - start
-            logging.info(
-                "Evaluating step %d: batch %d of %d (%.0f%%), %.0f s elapsed, about %.0f s left.",
-                int(state.step), done, total, 100 * done / total, elapsed,
-                elapsed / done * (total - done),
-            )  # fmt: skip
+    def on_batch(done: int, total: int) -> None:
+        nonlocal progress
+        progress = progress or cli.Progress(total, f"Evaluating step {int(state.step)}", "batches")
+        progress.update(done)
 
-    counts = train.eval_loop(step_fn, counts, state, inputs, config, mesh, on_batch=progress)
+    counts = evaluate.eval_loop(step_fn, counts, state, inputs, config, mesh, on_batch=on_batch)
     return np.asarray(jax.device_get(counts)), int(state.step), inputs
 
 
@@ -302,12 +291,18 @@ def write_report(
         table = _markdown_table(
             ["label", "class", "examples", "accuracy", "most confused with (count)"],
             [
-                [r["label"], r["class"], r["examples"], f"{r['accuracy']:.4f}",
-                 f"{r['most_confused_with']} ({r['confused_count']})" if r["confused_count"]
-                 else ""]
+                [
+                    r["label"],
+                    r["class"],
+                    r["examples"],
+                    f"{r['accuracy']:.4f}",
+                    f"{r['most_confused_with']} ({r['confused_count']})"
+                    if r["confused_count"]
+                    else "",
+                ]
                 for r in sorted(rows, key=lambda r: r["accuracy"])
             ],
-        )  # fmt: skip
+        )
         (out / "per_class.md").write_text(
             f"# Per-class test accuracy, checkpoint step {step}\n\nWorst first.\n\n{table}"
         )
@@ -325,9 +320,9 @@ def write_report(
 
 
 def _run() -> None:
-    from resnet_jax import data, train
+    from resnet_jax import checkpointing, data, defaults
 
-    workdir = train.absolute_workdir(FLAGS.workdir)
+    workdir = checkpointing.absolute_workdir(FLAGS.workdir)
     if not workdir.is_dir():
         raise ReportError(f"--workdir {FLAGS.workdir} is not a directory.")
     out = pathlib.Path(FLAGS.out) if FLAGS.out else pathlib.Path(workdir) / "report"
@@ -341,9 +336,7 @@ def _run() -> None:
                     f"{workdir} has no config.json (training writes it), so the evaluation "
                     "has no config: give --config, or --curves_only for the curves alone."
                 )
-            from configs import from_workdir
-
-            config = from_workdir.get_config(str(workdir))
+            config = defaults.from_workdir(str(workdir))
         data.hide_accelerators_from_tensorflow()
     summary = write_report(pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir)
     logging.info("Report written to %s", out / "index.md")
@@ -356,7 +349,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.use_checkout_configs()
-    cli.exit_on_user_error(_run, extra=(ReportError,))
+    cli.exit_on_user_error(_run, extra=(ReportError,), step_flag="--checkpoint=STEP")
 
 
 if __name__ == "__main__":

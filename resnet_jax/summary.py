@@ -12,14 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from clu import parameter_overview
 from jax.extend import core as jax_core
 
-from resnet_jax import data
+from resnet_jax import data, steps
 from resnet_jax.models import create_model
-
-
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
 def _conv_and_dense_flops(jaxpr: jax_core.Jaxpr) -> int:
@@ -49,11 +46,11 @@ def _conv_and_dense_flops(jaxpr: jax_core.Jaxpr) -> int:
 
 
 def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Returns parameter counts per top-level layer, totals and forward FLOPs per example."""
+    """Returns parameter counts, forward FLOPs per example and the parameter table."""
     num_classes = config.model.num_classes or data.num_classes(config)
     model = create_model(config.model, num_classes, config.half_precision)
     image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    variables = steps.variables_template(model, config.image_size)
 
     def forward(variables, x):
         return model.apply(variables, x, train=False)
@@ -64,23 +61,21 @@ def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "model": config.model.name,
         "num_classes": num_classes,
         "image_size": config.image_size,
-        "total_params": _count(variables["params"]),
-        "batch_stats": _count(variables.get("batch_stats", {})),
+        "total_params": int(parameter_overview.count_parameters(variables["params"])),
+        "batch_stats": int(parameter_overview.count_parameters(variables.get("batch_stats", {}))),
         "flops_per_example": _conv_and_dense_flops(jaxpr),
         "xla_flops_per_example": int(xla_cost["flops"]) if xla_cost else None,
-        "params_by_layer": {name: _count(sub) for name, sub in variables["params"].items()},
+        "table": parameter_overview.get_parameter_overview(
+            variables["params"], include_stats=False
+        ),
     }
 
 
 def print_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Prints a table of parameters by layer, then the summary as JSON on the last line."""
+    """Prints clu's table of every parameter, then the summary as JSON on the last line."""
     summary = model_summary(config)
-    by_layer = summary.pop("params_by_layer")
-    width = max(len(name) for name in by_layer)
-    print(f"{'layer':<{width}}  {'params':>12}")
-    for name, count in by_layer.items():
-        print(f"{name:<{width}}  {count:>12,}")
-    print(f"{'total':<{width}}  {summary['total_params']:>12,}")
+    print(summary.pop("table"))
+    print(f"total {summary['total_params']:,}")
     print(
         f"forward: {summary['flops_per_example'] / 1e9:.3f} GFLOP per "
         f"{config.image_size}x{config.image_size} image (2 x multiply-adds; XLA's count, "

@@ -77,9 +77,14 @@ class ResNet(nn.Module):
     """torchvision's ResNet (`layout="torchvision"`) or a PyTorch CIFAR ResNet ("cifar")."""
 
     def __init__(
-        self, block, layers, num_classes, layout="torchvision", widths=(64, 128, 256, 512),
+        self,
+        block,
+        layers,
+        num_classes,
+        layout="torchvision",
+        widths=(64, 128, 256, 512),
         option_a=False,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.layout = layout
         self.num_stages = len(layers)
@@ -143,6 +148,10 @@ def from_config(model_config, num_classes):
         layout = "torchvision" if model_config.stem == "imagenet" else "cifar"
         return ResNet(block, keywords["stage_sizes"], num_classes, layout, widths)
     return ResNet(
-        block, keywords["stage_sizes"], num_classes, "cifar", widths,
+        block,
+        keywords["stage_sizes"],
+        num_classes,
+        "cifar",
+        widths,
         option_a=model_config.shortcut == "A",
-    )  # fmt: skip
+    )

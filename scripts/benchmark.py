@@ -4,7 +4,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/benchmark.py  # 4 CPU devices
 
 Measures, after warm-up, as medians:
-- train: the project's compiled train step (train.compile_steps, state donated, the
+- train: the project's compiled train step (steps.compile_train_step, state donated, the
   batch already on the devices), images/s over --repeats rounds of --steps steps, the
   rounds alternating with PyTorch's and split before and after the training loop (a
   shared machine's speed drifts: each comparison sees the same conditions); also its
@@ -92,17 +92,17 @@ def bench_steps(config, mesh, num_classes: int) -> tuple[dict[str, Any], Callabl
     import jax
     import numpy as np
 
-    from resnet_jax import sharding, train
+    from resnet_jax import sharding, steps
 
     batch_size = config.batch_size
     local = sharding.per_process_batch_size(batch_size, mesh)
     rng = np.random.default_rng(0)
     size = config.image_size
     batch = timing.random_batch(rng, local, size, num_classes, mesh)
-    state, metrics, p_train_step, p_eval_step = timing.train_setup(config, mesh, num_classes)
+    state, metrics, train_step_fn, eval_step_fn = timing.train_setup(config, mesh, num_classes)
 
     start = time.perf_counter()
-    compiled = p_train_step.lower(state, metrics, batch).compile()
+    compiled = train_step_fn.lower(state, metrics, batch).compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -125,11 +125,11 @@ def bench_steps(config, mesh, num_classes: int) -> tuple[dict[str, Any], Callabl
     eval_size = config.eval_batch_size
     eval_local = sharding.per_process_batch_size(eval_size, mesh, "eval_batch_size")
     eval_batch = timing.random_batch(rng, eval_local, size, num_classes, mesh, mask=True)
-    eval_holder = {"metrics": train.empty_metrics(train.EvalMetrics, mesh)}
+    eval_holder = {"metrics": steps.empty_metrics(steps.EvalMetrics, mesh)}
 
     def eval_steps(count):
         for _ in range(count):
-            eval_holder["metrics"] = p_eval_step(
+            eval_holder["metrics"] = eval_step_fn(
                 holder["state"], eval_holder["metrics"], eval_batch
             )
         jax.block_until_ready(eval_holder["metrics"])
@@ -189,15 +189,15 @@ def bench_input(config) -> dict[str, Any]:
 def _write_folder(root: pathlib.Path, num_train: int, num_test: int, size: int) -> None:
     """An image folder of random PNGs in 4 classes: what the loop reads, decodes and batches."""
     import numpy as np
-    from PIL import Image
+
+    from resnet_jax.data import folders
 
     rng = np.random.default_rng(0)
     for split, count in (("train", num_train), ("test", num_test)):
-        for i in range(count):
-            folder = root / split / f"class{i % 4}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 256, (size, size, 3), np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+        images = rng.integers(0, 256, (count, size, size, 3), np.uint8)
+        labels = [i % 4 for i in range(count)]
+        names = [f"{i:05d}.png" for i in range(count)]
+        folders.write_images(root / split, images, labels, [f"class{c}" for c in range(4)], names)
 
 
 def bench_loop(config, num_classes: int) -> dict[str, Any]:
@@ -249,10 +249,14 @@ def bench_torch(config, num_classes: int) -> tuple[dict[str, Any], Callable[[], 
     decayed = [p for p in model.parameters() if config.weight_decay_all or p.ndim > 1]
     others = [p for p in model.parameters() if not (config.weight_decay_all or p.ndim > 1)]
     optimizer = torch.optim.SGD(
-        [{"params": decayed, "weight_decay": config.weight_decay},
-         {"params": others, "weight_decay": 0.0}],
-        lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov,
-    )  # fmt: skip
+        [
+            {"params": decayed, "weight_decay": config.weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+    )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     generator = torch.Generator().manual_seed(0)
     size = config.image_size
@@ -305,8 +309,10 @@ def _print_table(result: dict[str, Any]) -> None:
         ("ours / PyTorch", "ratio_vs_torch", ""),
     ]
     kernels = f", {result['cpu_convolutions']} convolutions" if result["cpu_convolutions"] else ""
-    print(f"{result['model']}, batch {result['batch_size']}, {result['image_size']} px, "
-          f"{result['dtype']}, {result['devices']} x {result['device_kind']}{kernels}")  # fmt: skip
+    print(
+        f"{result['model']}, batch {result['batch_size']}, {result['image_size']} px, "
+        f"{result['dtype']}, {result['devices']} x {result['device_kind']}{kernels}"
+    )
     for label, key, unit in rows:
         value = result.get(key)
         if value is None:
@@ -346,8 +352,9 @@ def main(argv: list[str]) -> None:
         "steps": FLAGS.steps,
         "repeats": FLAGS.repeats,
     }
-    logging.info("Benchmarking %s on %d x %s.", config.model.name, mesh.devices.size,
-                 device.device_kind)  # fmt: skip
+    logging.info(
+        "Benchmarking %s on %d x %s.", config.model.name, mesh.devices.size, device.device_kind
+    )
     steps, train_round = bench_steps(config, mesh, num_classes)
     result.update(steps)
     torch_info, torch_round = bench_torch(config, num_classes)

@@ -6,7 +6,9 @@
 CIFAR-100 shapes (32x32 images, 100 classes; --image_size changes the size) and random
 data: no dataset is needed. Each model is configs/default.py with `model.name` set (so
 resnet18 has the CIFAR stem, resnet56 shortcut A, densenet100 growth rate 12), trained
-by the project's own train step (train.compile_steps: SGD, state donated) on one device.
+by the project's own train step (steps.compile_train_step: SGD, state donated) on one device.
+A name may carry model options after a colon: `densenet100:memory_efficient` is
+densenet100 with `model.memory_efficient=True` (Pleiss et al.'s recomputation).
 For each model:
 - params and forward GFLOP per example: resnet_jax.summary.model_summary, as
   `--mode=summary` prints them (2 x multiply-adds);
@@ -22,6 +24,13 @@ For each model:
 
 Writes OUT/model_comparison.md (the table and how it was made), OUT/model_comparison.json
 and OUT/figures/model_comparison.png; prints the table, and the JSON as the last line.
+
+Recomputation on CPU: XLA:CPU drops jax.checkpoint's optimization barriers before its
+CSE pass, which then merges the recomputed operations back into the forward pass, so a
+memory_efficient DenseNet compiles to the plain one's memory (as the trainer compiles it
+today). `--cpu_remat` compiles every step with `xla_disable_hlo_passes=
+cse_barrier_expander`, keeping the recomputation; models without jax.checkpoint compile
+as without it.
 
 Machine notes: the memory figures are XLA's buffer assignment for the platform it runs
 on; a GPU's differ (other fusions, convolution workspaces), so rerun there for GPU
@@ -54,8 +63,20 @@ flags.DEFINE_integer("steps", 3, "Timed steps per repeat.")
 flags.DEFINE_integer("repeats", 3, "Repeats of --steps steps; the median is reported.")
 flags.DEFINE_integer("image_size", 32, "Height and width of the random images.")
 flags.DEFINE_string("out", "docs", "Folder for model_comparison.{md,json} and figures/.")
+flags.DEFINE_bool(
+    "cpu_remat",
+    False,
+    "On CPU, keep jax.checkpoint's recomputation (xla_disable_hlo_passes="
+    "cse_barrier_expander), as a memory_efficient DenseNet needs to save memory there.",
+)
 
 MB = 1e6
+# Model options a --models entry may name after colons (densenet100:memory_efficient): each
+# sets that boolean key of the model config to True.
+MODEL_OPTIONS = ("memory_efficient",)
+# What --cpu_remat adds to XLA:CPU's compile options: the pass that turns jax.checkpoint's
+# optimization barriers into nothing before CSE.
+CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 # Columns of the table: (heading, key, format).
 COLUMNS = (
     ("params", "params", "{:,}"),
@@ -67,11 +88,30 @@ COLUMNS = (
 )
 
 
-def _config(name: str):
+def model_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A --models entry "NAME[:OPTION...]" as (NAME, OPTIONs).
+
+    Raises:
+      app.UsageError: an option is not one of MODEL_OPTIONS.
+    """
+    name, *options = spec.split(":")
+    for option in options:
+        if option not in MODEL_OPTIONS:
+            raise app.UsageError(
+                f"--models entry {spec!r}: unknown option {option!r} after {name!r}; the "
+                f"options are {', '.join(MODEL_OPTIONS)} (e.g. densenet100:memory_efficient)."
+            )
+    return name, tuple(options)
+
+
+def _config(spec: str):
     from configs import default
 
+    name, options = model_spec(spec)
     config = default.get_config()
     config.model.name = name
+    for option in options:
+        config.model[option] = True
     config.dataset = "cifar100"
     config.image_size = FLAGS.image_size
     config.batch_size = FLAGS.batch_size
@@ -80,7 +120,7 @@ def _config(name: str):
 
 
 def measure(name: str) -> dict[str, Any]:
-    """One model's row: summary counts, compiled memory at two batch sizes, throughput."""
+    """One model's row (`name` a --models entry): counts, compiled memory, throughput."""
     import jax
     import numpy as np
 
@@ -91,7 +131,7 @@ def measure(name: str) -> dict[str, Any]:
     info = summary.model_summary(config)
     num_classes = info["num_classes"]
     mesh = sharding.make_mesh(jax.devices()[:1])
-    state, metrics, p_train_step, _ = timing.train_setup(config, mesh, num_classes)
+    state, metrics, train_step_fn, _ = timing.train_setup(config, mesh, num_classes)
     size = config.image_size
 
     def batch_spec(batch_size):
@@ -103,9 +143,14 @@ def measure(name: str) -> dict[str, Any]:
 
     compiled, temp_bytes = {}, {}
     batch_sizes = (FLAGS.batch_size // 2, FLAGS.batch_size)
+    # Merged into the options the train step is jitted with (config.cpu_convolutions).
+    extra_options = (
+        CPU_REMAT_OPTIONS if FLAGS.cpu_remat and jax.default_backend() == "cpu" else None
+    )
     for batch_size in batch_sizes:
         start = time.perf_counter()
-        compiled[batch_size] = p_train_step.lower(state, metrics, batch_spec(batch_size)).compile()
+        lowered = train_step_fn.lower(state, metrics, batch_spec(batch_size))
+        compiled[batch_size] = lowered.compile(extra_options)
         compile_s = time.perf_counter() - start
         temp_bytes[batch_size] = int(compiled[batch_size].memory_analysis().temp_size_in_bytes)
     step_bytes = timing.footprint_bytes(compiled[FLAGS.batch_size])
@@ -151,6 +196,7 @@ def _description(result: dict[str, Any]) -> str:
         f"classes, float32, batch {result['batch_size']} (memory slope between "
         f"{result['batch_size'] // 2} and {result['batch_size']}), 1 x "
         f"{result['device_kind']} ({result['host_cores']} host cores), {result['date']}"
+        + (", XLA:CPU keeping jax.checkpoint's recomputation" if result["cpu_remat"] else "")
     )
 
 
@@ -200,6 +246,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.batch_size < 2:
         raise app.UsageError("--batch_size must be at least 2 (memory is also compiled at half).")
+    for spec in FLAGS.models:
+        model_spec(spec)
     cli.quiet_libraries()
     import jax
 
@@ -212,6 +260,7 @@ def main(argv: list[str]) -> None:
         "repeats": FLAGS.repeats,
         "device_kind": device.device_kind,
         "platform": device.platform,
+        "cpu_remat": FLAGS.cpu_remat and device.platform == "cpu",
         "host_cores": len(os.sched_getaffinity(0)),
         "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join(["python", "scripts/compare_models.py", *sys.argv[1:]]),

@@ -20,7 +20,8 @@ import pathlib
 import sys
 
 import numpy as np
-from PIL import Image
+
+from resnet_jax.data import folders
 
 TEST_EVERY = 5
 
@@ -32,16 +33,24 @@ def export(out: pathlib.Path) -> dict[str, int]:
     except ImportError:
         sys.exit('error: scikit-learn is not installed: pip install -e ".[experiments]"')
     digits = load_digits()
-    counts = {"train": 0, "test": 0}
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target
+    # Every fifth image of each class, counted in dataset order, is a test image.
+    rank = np.zeros(len(labels), np.int64)
     seen = np.zeros(10, np.int64)
-    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-        split = "test" if seen[label] % TEST_EVERY == TEST_EVERY - 1 else "train"
-        seen[label] += 1
-        folder = out / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{index:04d}.png")
-        counts[split] += 1
+    for index, label in enumerate(labels):
+        rank[index], seen[label] = seen[label], seen[label] + 1
+    is_test = rank % TEST_EVERY == TEST_EVERY - 1
+    counts = {}
+    for split, chosen in (("train", ~is_test), ("test", is_test)):
+        indices = np.flatnonzero(chosen)
+        counts[split] = folders.write_images(
+            out / split,
+            pixels[indices],
+            labels[indices],
+            [str(d) for d in range(10)],
+            [f"{i:04d}.png" for i in indices],
+        )
     return counts
 
 

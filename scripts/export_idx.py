@@ -26,9 +26,8 @@ import re
 import sys
 
 import numpy as np
-from PIL import Image
 
-from resnet_jax.data import idx
+from resnet_jax.data import folders, idx
 
 CLASS_NAMES = {"fashion_mnist": idx.FASHION_MNIST_CLASSES}
 
@@ -44,8 +43,10 @@ def class_folders(names: list[str] | None, num_classes: int) -> list[str]:
 
 def subset_indices(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     """The first size / num_classes indices of each class, in file order."""
-    if size % num_classes:
-        raise ValueError(f"--train_subset {size} is not a multiple of the {num_classes} classes.")
+    if size <= 0 or size % num_classes:
+        raise ValueError(
+            f"--train_subset {size} is not a positive multiple of the {num_classes} classes."
+        )
     per_class = size // num_classes
     picked = []
     for label in range(num_classes):
@@ -58,13 +59,15 @@ def subset_indices(labels: np.ndarray, size: int, num_classes: int) -> np.ndarra
     return np.sort(np.concatenate(picked))
 
 
-def write_split(out: pathlib.Path, split: idx.IdxSplit, folders: list[str], indices) -> int:
-    for folder in folders:
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    for index in indices:
-        folder = folders[split.labels[index]]
-        Image.fromarray(split.images[index]).save(out / folder / f"{index:05d}.png")
-    return len(indices)
+def write_split(out: pathlib.Path, split: idx.IdxSplit, class_folders: list[str], indices) -> int:
+    indices = np.asarray(list(indices), np.int64)
+    return folders.write_images(
+        out,
+        split.images[indices],
+        split.labels[indices],
+        class_folders,
+        [f"{index:05d}.png" for index in indices],
+    )
 
 
 def export(src: pathlib.Path, out: pathlib.Path, classes: str | None, train_subset: int) -> dict:
@@ -82,16 +85,16 @@ def export(src: pathlib.Path, out: pathlib.Path, classes: str | None, train_subs
             f"The labels go up to {num_classes - 1}, but --classes {classes} has "
             f"{len(names)} classes: these are not {classes} files."
         )
-    folders = class_folders(names, len(names) if names else num_classes)
+    class_dirs = class_folders(names, len(names) if names else num_classes)
     subset = None
-    if train_subset:
-        subset = subset_indices(splits["train"].labels, train_subset, len(folders))
+    if train_subset != 0:
+        subset = subset_indices(splits["train"].labels, train_subset, len(class_dirs))
     counts = {}
     for name, split in splits.items():
-        counts[name] = write_split(out / name, split, folders, range(len(split.labels)))
+        counts[name] = write_split(out / name, split, class_dirs, range(len(split.labels)))
     if subset is not None:
         counts[f"train{train_subset}"] = write_split(
-            out / f"train{train_subset}", splits["train"], folders, subset
+            out / f"train{train_subset}", splits["train"], class_dirs, subset
         )
     return counts
 
@@ -101,21 +104,29 @@ def main() -> None:
     parser.add_argument("src", type=pathlib.Path, help="Folder holding the four idx files.")
     parser.add_argument("out", type=pathlib.Path, help="Folder to write (train/ and test/).")
     parser.add_argument(
-        "--classes", choices=sorted(CLASS_NAMES), default=None,
+        "--classes",
+        choices=sorted(CLASS_NAMES),
+        default=None,
         help="Name the class folders (default: the label numbers only).",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--train_subset", type=int, default=0,
+        "--train_subset",
+        type=int,
+        default=0,
         help="Also write train<N>/, N training images balanced over the classes.",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
-    if args.out.exists() and any(args.out.iterdir()):
-        sys.exit(f"error: {args.out} is not empty: choose a new folder.")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        sys.exit(f"error: {args.out} is not an empty folder: choose a new one.")
     try:
         counts = export(args.src, args.out, args.classes, args.train_subset)
     except (idx.IdxError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print("Wrote " + ", ".join(f"{n:,} {split}" for split, n in counts.items()) + f" images to {args.out}.")
+    print(
+        "Wrote "
+        + ", ".join(f"{n:,} {split}" for split, n in counts.items())
+        + f" images to {args.out}."
+    )
 
 
 if __name__ == "__main__":

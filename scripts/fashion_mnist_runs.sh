@@ -16,24 +16,30 @@ if [[ ! -d data/fashion_mnist/train10000 ]]; then
     --classes fashion_mnist --train_subset 10000
 fi
 
-train() {  # train WORKDIR [--config.key=value ...]
-  local workdir="$1"
-  shift
+train() {  # train CONFIG WORKDIR [--config.key=value ...]
+  local config="$1" workdir="$2"
+  shift 2
   if [[ -f "$workdir/eval_results.json" ]]; then
     echo "== $workdir finished before, skipped."
     return
   fi
   echo "== $workdir ($(date -u +%FT%TZ))"
-  python -m resnet_jax.main --config configs/fashion_mnist.py --workdir "$workdir" "$@"
+  python -m resnet_jax.main --config "$config" --workdir "$workdir" "$@"
 }
 
 # How the accuracy grows with the budget: ResNet-20, seed 0, 10 epochs.
-train "$runs/fmnist_resnet20_10ep_seed0" --config.num_epochs=10 --config.seed=0
+train configs/fashion_mnist.py "$runs/fmnist_resnet20_10ep_seed0" --config.num_epochs=10 --config.seed=0
 # Figure 6: plain against residual nets on the 10k-image subset.
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
   --workdir "$runs/degradation_fmnist" --depths 20,56
+# Figure 7 and the gradient norms, from the four runs' checkpoints.
+python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist"
 # The accuracy at the 30-epoch budget, three seeds.
 for seed in 0 1 2; do
-  train "$runs/fmnist_resnet20_30ep_seed$seed" --config.seed="$seed"
+  train configs/fashion_mnist.py "$runs/fmnist_resnet20_30ep_seed$seed" --config.seed="$seed"
 done
+# DenseNet-BC against the ResNets of the degradation runs: same subset, same recipe.
+train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist/densenet40" \
+  --config.model.name=densenet40
+python scripts/summarize_runs.py "$runs"/fmnist_resnet20_* --json_out "$runs/fmnist_accuracy.json"
 echo "== all runs finished ($(date -u +%FT%TZ))"

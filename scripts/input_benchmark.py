@@ -120,8 +120,7 @@ def bench_device(size: int, mesh: Any) -> dict[str, Any]:
         mesh, FLAGS.num_files, size, FLAGS.batch_size, _CROP_PADDING, random_flip=True
     )
     rates = _timed(lambda: next(batches)["image"], 2, FLAGS.batch_size)
-    return {"path": "device", "image_size": size, "workers": None, "augment": "crop_flip",
-            **rates}  # fmt: skip
+    return {"path": "device", "image_size": size, "workers": None, "augment": "crop_flip", **rates}
 
 
 def _picture(rng: Any, width: int, height: int, noise: float) -> Any:
@@ -163,8 +162,14 @@ def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
         else:
             image.save(path, quality=90)
         total += path.stat().st_size
-    return {"image_size": size, "format": kind, "count": count, "width": width,
-            "height": height, "mean_bytes": total / count}  # fmt: skip
+    return {
+        "image_size": size,
+        "format": kind,
+        "count": count,
+        "width": width,
+        "height": height,
+        "mean_bytes": total / count,
+    }
 
 
 def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict[str, Any]:
@@ -196,8 +201,7 @@ def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict
         )
     finally:
         iterator.close()
-    return {"path": "stream", "image_size": size, "workers": workers, "augment": augment,
-            **rates}  # fmt: skip
+    return {"path": "stream", "image_size": size, "workers": workers, "augment": augment, **rates}
 
 
 def _cpu_model() -> str:
@@ -211,18 +215,26 @@ def _cpu_model() -> str:
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    print(f"{result['devices']} x {result['device_kind']}; host: {result['host_cores']} cores "
-          f"of {result['cpu_model']}; batch {result['batch_size']}")  # fmt: skip
-    print(f"  {'path':<7} {'px':>4} {'workers':>7}  {'augment':<19} {'img/s':>9} "
-          f"{'img per CPU-s':>13} {'cores busy':>10}")  # fmt: skip
+    print(
+        f"{result['devices']} x {result['device_kind']}; host: {result['host_cores']} cores "
+        f"of {result['cpu_model']}; batch {result['batch_size']}"
+    )
+    print(
+        f"  {'path':<7} {'px':>4} {'workers':>7}  {'augment':<19} {'img/s':>9} "
+        f"{'img per CPU-s':>13} {'cores busy':>10}"
+    )
     for row in result["rows"]:
         workers = "-" if row["workers"] is None else str(row["workers"])
-        print(f"  {row['path']:<7} {row['image_size']:>4} {workers:>7}  {row['augment']:<19} "
-              f"{row['img_per_s']:>9,.0f} {row['img_per_cpu_s']:>13,.0f} "
-              f"{row['cores_busy']:>10.2f}")  # fmt: skip
+        print(
+            f"  {row['path']:<7} {row['image_size']:>4} {workers:>7}  {row['augment']:<19} "
+            f"{row['img_per_s']:>9,.0f} {row['img_per_cpu_s']:>13,.0f} "
+            f"{row['cores_busy']:>10.2f}"
+        )
     for f in result["files"]:
-        print(f"  files at {f['image_size']} px: {f['count']} {f['format']}, "
-              f"{f['width']}x{f['height']}, {f['mean_bytes'] / 1e3:,.1f} KB on average")  # fmt: skip
+        print(
+            f"  files at {f['image_size']} px: {f['count']} {f['format']}, "
+            f"{f['width']}x{f['height']}, {f['mean_bytes'] / 1e3:,.1f} KB on average"
+        )
 
 
 def main(argv: list[str]) -> None:

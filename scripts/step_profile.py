@@ -109,9 +109,11 @@ def main(argv: list[str]) -> None:
     for name, seconds in per_step.items():
         by_kind[kind_of(name)] += seconds
     by_kind["not attributed"] = max(0.0, step_s - sum(per_step.values()))
-    print(f"{config.model.name}, batch {config.batch_size}, {config.image_size} px, "
-          f"{mesh.devices.size} x {jax.devices()[0].device_kind}: {step_s * 1e3:,.0f} ms "
-          "per train step")  # fmt: skip
+    print(
+        f"{config.model.name}, batch {config.batch_size}, {config.image_size} px, "
+        f"{mesh.devices.size} x {jax.devices()[0].device_kind}: {step_s * 1e3:,.0f} ms "
+        "per train step"
+    )
     print("| kind | ms per step | share |\n|---|---:|---:|")
     for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {seconds * 1e3:,.1f} | {seconds / step_s:.0%} |")

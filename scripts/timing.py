@@ -23,14 +23,15 @@ def median_rate(run: Callable[[], None], images: int, repeats: int) -> float:
 
 def train_setup(config: Any, mesh: Any, num_classes: int) -> tuple[Any, Any, Any, Any]:
     """The project's fresh train state, empty train metrics, and jitted train and eval steps."""
-    from resnet_jax import train
+    from resnet_jax import steps
     from resnet_jax.models import create_model
 
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=10_000)
+    lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=10_000)
     model = create_model(config.model, num_classes, config.half_precision)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
-    p_train_step, p_eval_step = train.compile_steps(config, lr_fn, mesh)
-    return state, train.empty_metrics(train.TrainMetrics, mesh), p_train_step, p_eval_step
+    state = steps.create_train_state(config, model, steps.create_optimizer(config, lr_fn), mesh)
+    train_step_fn = steps.compile_train_step(config, lr_fn, mesh)
+    eval_step_fn = steps.compile_eval_step(mesh, config)
+    return state, steps.empty_metrics(steps.TrainMetrics, mesh), train_step_fn, eval_step_fn
 
 
 def random_batch(
@@ -56,9 +57,11 @@ def footprint_bytes(compiled: Any) -> int | None:
     if memory is None:
         return None
     return int(
-        memory.temp_size_in_bytes + memory.argument_size_in_bytes
-        + memory.output_size_in_bytes - memory.alias_size_in_bytes
-    )  # fmt: skip
+        memory.temp_size_in_bytes
+        + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
 
 
 def train_rate(
@@ -100,9 +103,14 @@ def device_input(
         process_count=1,
     )
     return data.device.DeviceTrainBatches(
-        split, mesh, per_process_batch_size=sharding.per_process_batch_size(batch_size, mesh),
-        seed=0, start_step=0, crop_padding=crop_padding, random_flip=random_flip,
-    )  # fmt: skip
+        split,
+        mesh,
+        per_process_batch_size=sharding.per_process_batch_size(batch_size, mesh),
+        seed=0,
+        start_step=0,
+        crop_padding=crop_padding,
+        random_flip=random_flip,
+    )
 
 
 def print_json(result: dict[str, Any], json_out: str | None) -> None:

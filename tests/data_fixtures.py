@@ -165,3 +165,41 @@ def write_image_folder(
                 paths.append(path)
             written[split][name] = paths
     return written
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """`array` (uint8) in the idx format: 0, 0, type 0x08, ndim, big-endian dims, values."""
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_idx_dataset(
+    folder: str | os.PathLike, num_train: int, num_test: int, size: int = 28, seed: int = 0
+) -> dict[str, dict[str, np.ndarray]]:
+    """The four gzip idx files of an MNIST-like dataset, with the official names.
+
+    Labels cycle through 0-9 (every class present); pixels are random. Returns
+    {split: {"images": uint8 [n, size, size], "labels": uint8 [n]}} as written.
+    """
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    written = {}
+    for split, count in (("train", num_train), ("test", num_test)):
+        images = rng.integers(0, 256, (count, size, size), dtype=np.uint8)
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        for name, array in zip(IDX_FILES[split], (images, labels), strict=True):
+            with gzip.open(os.path.join(folder, name), "wb") as f:
+                f.write(idx_bytes(array))
+        written[split] = {"images": images, "labels": labels}
+    return written

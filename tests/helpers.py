@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from resnet_jax import train
+from resnet_jax import steps
 from resnet_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,12 +25,21 @@ def main_environment(devices=None):
     return env
 
 
+def run_module(module, *args, devices=None, cwd=ROOT, timeout=600):
+    """Runs `python -m MODULE ARGS` to completion with the tests' environment, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=main_environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_main(*args, devices=None, cwd=ROOT, timeout=600):
     """Runs `python -m resnet_jax.main ARGS` to completion, capturing its output."""
-    return subprocess.run(
-        [*MAIN, *args], cwd=cwd, env=main_environment(devices), capture_output=True,
-        text=True, timeout=timeout,
-    )  # fmt: skip
+    return run_module("resnet_jax.main", *args, devices=devices, cwd=cwd, timeout=timeout)
 
 
 def free_port():
@@ -67,7 +76,7 @@ def run_processes(commands, *, env, cwd=ROOT, timeout):
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-        )  # fmt: skip
+        )
         for command in commands
     ]
     chunks = [[] for _ in processes]
@@ -104,16 +113,21 @@ def run_processes(commands, *, env, cwd=ROOT, timeout):
 
 def distributed_commands(args, num_processes=2):
     """`python -m resnet_jax.main ARGS --distributed` for each of `num_processes` on loopback."""
-    common = [*MAIN, *args, "--distributed", f"--coordinator_address=127.0.0.1:{free_port()}",
-              f"--num_processes={num_processes}"]  # fmt: skip
+    common = [
+        *MAIN,
+        *args,
+        "--distributed",
+        f"--coordinator_address=127.0.0.1:{free_port()}",
+        f"--num_processes={num_processes}",
+    ]
     return [[*common, f"--process_id={i}"] for i in range(num_processes)]
 
 
 def tiny_state(config, mesh, num_classes=5):
     """A freshly initialised train state of `config`'s model on `mesh`, and its lr schedule."""
     model = create_model(config.model, num_classes)
-    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr_fn), mesh)
+    lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
+    state = steps.create_train_state(config, model, steps.create_optimizer(config, lr_fn), mesh)
     return state, lr_fn
 
 

@@ -55,11 +55,17 @@ def main():
             for run in range(args.runs):
                 workdir = pathlib.Path(tmp) / f"run{run}"
                 main_args = [
-                    "--config", "configs/smoke.py", "--workdir", str(workdir),
-                    f"--config.data_dir={folder}", f"--config.num_train_steps={args.steps}",
-                    "--config.log_every_steps=1", "--config.eval_every_steps=7",
-                    "--config.checkpoint_every_steps=3", "--config.keep_checkpoints=2",
-                ]  # fmt: skip
+                    "--config",
+                    "configs/smoke.py",
+                    "--workdir",
+                    str(workdir),
+                    f"--config.data_dir={folder}",
+                    f"--config.num_train_steps={args.steps}",
+                    "--config.log_every_steps=1",
+                    "--config.eval_every_steps=7",
+                    "--config.checkpoint_every_steps=3",
+                    "--config.keep_checkpoints=2",
+                ]
                 env = main_environment(2)
                 if args.compilation_cache:
                     env.update(

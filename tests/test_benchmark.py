@@ -7,20 +7,42 @@ import sys
 from helpers import ROOT, main_environment
 
 KEYS = (
-    "train_img_per_s", "loop_img_per_s", "input_img_per_s", "input_img_per_cpu_s",
-    "eval_img_per_s", "compile_s", "torch_train_img_per_s", "ratio_vs_torch",
-    "loop_vs_step", "input_vs_step", "train_step_gflop", "train_step_memory_bytes_per_device",
-)  # fmt: skip
+    "train_img_per_s",
+    "loop_img_per_s",
+    "input_img_per_s",
+    "input_img_per_cpu_s",
+    "eval_img_per_s",
+    "compile_s",
+    "torch_train_img_per_s",
+    "ratio_vs_torch",
+    "loop_vs_step",
+    "input_vs_step",
+    "train_step_gflop",
+    "train_step_memory_bytes_per_device",
+)
 
 
 def test_benchmark_prints_a_table_and_json(tmp_path):
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--config", "configs/smoke.py",
-         "--config.batch_size=16", "--steps=2", "--repeats=2", "--loop_window=2",
-         "--input_batches=3", f"--json_out={out}"],
-        cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "--config",
+            "configs/smoke.py",
+            "--config.batch_size=16",
+            "--steps=2",
+            "--repeats=2",
+            "--loop_window=2",
+            "--input_batches=3",
+            f"--json_out={out}",
+        ],
+        cwd=ROOT,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "resnet8, batch 16, 16 px, float32, 4 x cpu, eigen convolutions"
@@ -44,12 +66,26 @@ def test_benchmark_prints_a_table_and_json(tmp_path):
 
 def test_benchmark_without_torch_reports_null(tmp_path):
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--config", "configs/smoke.py",
-         "--config.model.name=plain8", "--config.batch_size=8", "--steps=1", "--repeats=1",
-         "--loop_window=1", "--loop_windows=1", "--input_batches=1",
-         "--config.cpu_convolutions=xla_default"],
-        cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "--config",
+            "configs/smoke.py",
+            "--config.model.name=plain8",
+            "--config.batch_size=8",
+            "--steps=1",
+            "--repeats=1",
+            "--loop_window=1",
+            "--loop_windows=1",
+            "--input_batches=1",
+            "--config.cpu_convolutions=xla_default",
+        ],
+        cwd=ROOT,
+        env=main_environment(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["torch_train_img_per_s"] is None and data["ratio_vs_torch"] is None
@@ -59,10 +95,21 @@ def test_benchmark_without_torch_reports_null(tmp_path):
 
 def test_step_profile_splits_the_step_by_compiled_operation(tmp_path):
     result = subprocess.run(
-        [sys.executable, "scripts/step_profile.py", "--config", "configs/smoke.py",
-         "--config.batch_size=8", "--steps=2", "--top=5"],
-        cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/step_profile.py",
+            "--config",
+            "configs/smoke.py",
+            "--config.batch_size=8",
+            "--steps=2",
+            "--top=5",
+        ],
+        cwd=ROOT,
+        env=main_environment(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("resnet8, batch 8, 16 px, 1 x cpu: ")

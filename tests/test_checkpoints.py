@@ -14,7 +14,7 @@ import pytest
 from helpers import MAIN, ROOT, main_environment, run_main, tiny_state
 
 from configs import smoke
-from resnet_jax import checkpointing, config_checks, sharding, train
+from resnet_jax import checkpointing, config_checks, evaluate, sharding, train
 
 STEPS, EVERY = 120, 40
 STEP_LINE = re.compile(r"\[(\d+)\] train_")
@@ -22,11 +22,17 @@ STEP_LINE = re.compile(r"\[(\d+)\] train_")
 
 def main_args(workdir, toy_folder, *extra):
     return [
-        "--config", "configs/smoke.py",
-        "--workdir", str(workdir), f"--config.data_dir={toy_folder}",
-        f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
-        "--config.eval_every_steps=60", "--config.log_every_steps=1", *extra,
-    ]  # fmt: skip
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={toy_folder}",
+        f"--config.num_train_steps={STEPS}",
+        f"--config.checkpoint_every_steps={EVERY}",
+        "--config.eval_every_steps=60",
+        "--config.log_every_steps=1",
+        *extra,
+    ]
 
 
 def start_and_stop_at(args, workdir, min_step, stop_signal):
@@ -186,9 +192,14 @@ def test_rerunning_a_finished_run_trains_no_further(reference_run, toy_folder):
 
 def eval_args(workdir, toy_folder, *extra):
     return [
-        "--config", "configs/smoke.py", "--mode=eval",
-        "--workdir", str(workdir), f"--config.data_dir={toy_folder}", *extra,
-    ]  # fmt: skip
+        "--config",
+        "configs/smoke.py",
+        "--mode=eval",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={toy_folder}",
+        *extra,
+    ]
 
 
 def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_folder, tmp_path):
@@ -217,8 +228,10 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     top1 = logged_eval_top1(reference_run)
     assert sorted(top1) == [60, 120]
     assert steps == ([60, 80, 120] if top1[60] > top1[120] else [80, 120])
-    assert checkpointing.select_step(checkpointing.create_manager(workdir, read_only=True),
-                                     "best") == max((top1[s], s) for s in top1)[1]  # fmt: skip
+    assert (
+        checkpointing.select_step(checkpointing.create_manager(workdir, read_only=True), "best")
+        == max((top1[s], s) for s in top1)[1]
+    )
     final = (workdir / "eval_results.json").read_text()
     result = run_main(*eval_args(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -327,10 +340,13 @@ def test_eval_of_a_corrupt_step_is_a_clear_error(state_and_config, tmp_path, toy
     config = config.copy_and_resolve_references()
     config.data_dir = str(toy_folder)
     with pytest.raises(
-        checkpointing.CheckpointError,
-        match=r"Checkpoint step 20 in .* is corrupt: .*with --config.eval_checkpoint=STEP \(available: \[10\]\)",
-    ):
-        train.evaluate_checkpoint(config, str(tmp_path))
+        checkpointing.UnusableStepError, match=r"Checkpoint step 20 in .* is corrupt: .*\[10\]"
+    ) as raised:
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
+    # The command adds its own way of choosing a step (main: --config.eval_checkpoint).
+    assert str(raised.value.with_flag("--config.eval_checkpoint=STEP")).endswith(
+        "Use another step with --config.eval_checkpoint=STEP (available: [10])."
+    )
 
 
 def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
@@ -342,7 +358,7 @@ def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
     config.data_dir = str(toy_folder)
     config.model.num_classes = 7
     with pytest.raises(checkpointing.CheckpointError) as error:
-        train.evaluate_checkpoint(config, str(tmp_path))
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
     message = str(error.value)
     assert "does not fit the configured model" in message
     assert "fc/kernel: checkpoint [16, 3] vs model [16, 7]" in message
@@ -353,7 +369,7 @@ def test_a_checkpoint_of_another_model_names_the_mismatching_parameters(
         checkpointing.CheckpointError,
         match=r"params/layer1_1/conv1/kernel: checkpoint missing vs model \[3, 3, 4, 4\]",
     ):
-        train.evaluate_checkpoint(config, str(tmp_path))
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
 
 
 def test_resume_with_another_optimizer_is_an_error_that_moves_nothing(state_and_config, tmp_path):
@@ -403,10 +419,10 @@ def test_eval_without_a_checkpoint_says_so(tmp_path, toy_folder):
     config = smoke.get_config()
     config.data_dir = str(toy_folder)
     with pytest.raises(checkpointing.CheckpointError, match=r"No checkpoint in .*Train first"):
-        train.evaluate_checkpoint(config, str(tmp_path))
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(checkpointing.CheckpointError, match=r"No checkpoint in .*Train first"):
-        train.evaluate_checkpoint(config, str(tmp_path))
+        evaluate.evaluate_checkpoint(config, str(tmp_path))
 
 
 def test_a_checkpoint_holds_what_resuming_needs(reference_run):
@@ -416,8 +432,12 @@ def test_a_checkpoint_holds_what_resuming_needs(reference_run):
     assert meta["config"]["model"]["name"] == "resnet8"
     assert meta["rng"] == {"seed": 0, "step": STEPS}
     assert meta["data"]["steps_per_epoch"] == 6 and meta["data"]["per_process_batch_size"] == 32
-    assert meta["schedule"] == {"lr_schedule": "cosine", "learning_rate": 0.1,
-                                "warmup_steps": 0, "num_train_steps": STEPS}  # fmt: skip
+    assert meta["schedule"] == {
+        "lr_schedule": "cosine",
+        "learning_rate": 0.1,
+        "warmup_steps": 0,
+        "num_train_steps": STEPS,
+    }
     assert "opt_state/1/0/.trace/fc/kernel" in meta["optimizer_shapes"]
     arrays = final_arrays(reference_run)
     assert set(arrays["model"]) == {"params", "batch_stats"}

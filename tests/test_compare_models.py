@@ -10,7 +10,7 @@ from helpers import ROOT, main_environment
 from configs import default
 from resnet_jax import summary
 
-MODELS = ("resnet8", "densenet10")
+MODELS = ("resnet8", "densenet10", "densenet10:memory_efficient")
 
 
 def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
@@ -19,21 +19,36 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
     # buffer assignment (the memory figures) nor the counts this test checks, only speed.
     env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     result = subprocess.run(
-        [sys.executable, "scripts/compare_models.py", f"--models={','.join(MODELS)}",
-         "--batch_size=4", "--steps=1", "--repeats=1", "--image_size=8", f"--out={tmp_path}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/compare_models.py",
+            f"--models={','.join(MODELS)}",
+            "--batch_size=4",
+            "--steps=1",
+            "--repeats=1",
+            "--image_size=8",
+            f"--out={tmp_path}",
+            "--cpu_remat",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "model_comparison.json").read_text()) == data
     assert (data["batch_size"], data["image_size"], data["num_classes"]) == (4, 8, 100)
+    assert data["cpu_remat"] is True
     rows = {row["model"]: row for row in data["models"]}
     assert tuple(rows) == MODELS
 
     table = (tmp_path / "model_comparison.md").read_text()
     for name, row in rows.items():
         config = default.get_config()
-        config.model.name = name
+        config.model.name, *options = name.split(":")
+        config.model.memory_efficient = options == ["memory_efficient"]
         config.image_size = 8
         info = summary.model_summary(config)
         assert row["params"] == info["total_params"]
@@ -55,6 +70,12 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
         dense["activation_bytes_per_example_per_param"]
         > 3 * (res["activation_bytes_per_example_per_param"])
     )
+    # Recomputing each dense layer's concatenation and bottleneck: the same net, less memory.
+    lean = rows["densenet10:memory_efficient"]
+    assert lean["params"] == dense["params"]
+    assert lean["gflop_per_example"] == dense["gflop_per_example"]
+    assert lean["activation_bytes_per_example"] < 0.9 * dense["activation_bytes_per_example"]
+    assert "keeping jax.checkpoint's recomputation" in table
     assert table.strip().splitlines()[-1].endswith("(figures/model_comparison.png)")
 
     png = (tmp_path / "figures" / "model_comparison.png").read_bytes()
@@ -67,7 +88,25 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
 def test_batch_size_one_is_refused():
     result = subprocess.run(
         [sys.executable, "scripts/compare_models.py", "--batch_size=1"],
-        cwd=ROOT, env=main_environment(devices=1), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=main_environment(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "--batch_size must be at least 2" in result.stderr
+
+
+def test_unknown_model_option_is_refused():
+    result = subprocess.run(
+        [sys.executable, "scripts/compare_models.py", "--models=densenet100:lean"],
+        cwd=ROOT,
+        env=main_environment(devices=1),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "unknown option 'lean' after 'densenet100'" in result.stderr
+    assert "memory_efficient" in result.stderr

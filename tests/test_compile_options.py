@@ -9,7 +9,7 @@ import pytest
 from absl import logging
 
 from configs import default, from_workdir
-from resnet_jax import compile_options, config_checks, sharding, train
+from resnet_jax import compile_options, config_checks, sharding, steps
 from resnet_jax.models import create_model
 
 
@@ -51,22 +51,24 @@ def _one_train_step(setting: str):
     config = _config(setting)
     config.image_size, config.batch_size = 16, 8
     mesh = sharding.make_mesh(jax.devices()[:1])
-    lr = train.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
+    lr = steps.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
     model = create_model(config.model, num_classes=10)
-    state = train.create_train_state(config, model, train.create_optimizer(config, lr), mesh)
-    p_train_step, _ = train.compile_steps(config, lr, mesh)
+    state = steps.create_train_state(config, model, steps.create_optimizer(config, lr), mesh)
+    train_step_fn = steps.compile_train_step(config, lr, mesh)
     rng = np.random.default_rng(0)
     batch = sharding.global_batch(
-        {"image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8),
-         "label": rng.integers(0, 10, 8).astype(np.int32)},
+        {
+            "image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        },
         mesh,
-    )  # fmt: skip
-    metrics = train.empty_metrics(train.TrainMetrics, mesh)
-    hlo = p_train_step.lower(state, metrics, batch).compile().as_text()
+    )
+    metrics = steps.empty_metrics(steps.TrainMetrics, mesh)
+    hlo = train_step_fn.lower(state, metrics, batch).compile().as_text()
     before = jax.device_get(state.params)
-    state, metrics = p_train_step(state, metrics, batch)  # Donates the old state.
+    state, metrics = train_step_fn(state, metrics, batch)  # Donates the old state.
     update = jax.tree.map(lambda new, old: new - old, jax.device_get(state.params), before)
-    return update, train.read_metrics(metrics)["loss"], _convolutions(hlo)
+    return update, steps.read_metrics(metrics)["loss"], _convolutions(hlo)
 
 
 def test_eigen_keeps_the_convolutions_on_xla_and_computes_the_same_step():
@@ -124,5 +126,5 @@ def test_a_run_saved_with_the_retired_conv_impl_key_still_loads(tmp_path):
     assert config.cpu_convolutions == "eigen" and "conv_impl" not in config.model
     saved["model"]["conv_imp"] = "xla"
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="'conv_imp', which configs/default.py does not know"):
+    with pytest.raises(ValueError, match="'conv_imp', which resnet_jax/defaults.py does not know"):
         from_workdir.get_config(str(tmp_path))

@@ -17,12 +17,28 @@ STEPS = 8
 
 def run_experiment(workdir, data, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.experiments.degradation", "--workdir", str(workdir),
-         "--depths=8", "--config", "configs/smoke.py", f"--config.data_dir={data}",
-         f"--config.num_train_steps={STEPS}", "--config.log_every_steps=2",
-         "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4", *extra],
-        cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "resnet_jax.experiments.degradation",
+            "--workdir",
+            str(workdir),
+            "--depths=8",
+            "--config",
+            "configs/smoke.py",
+            f"--config.data_dir={data}",
+            f"--config.num_train_steps={STEPS}",
+            "--config.log_every_steps=2",
+            "--config.eval_every_steps=4",
+            "--config.checkpoint_every_steps=4",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +115,19 @@ def test_bad_flags_are_one_line(tmp_path):
         (["--depths=21"], "error: --depths: '21' is not a depth"),
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "resnet_jax.experiments.degradation",
-             f"--workdir={tmp_path}", *args],
-            cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "resnet_jax.experiments.degradation",
+                f"--workdir={tmp_path}",
+                *args,
+            ],
+            cwd=ROOT,
+            env=main_environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert not any(tmp_path.iterdir())  # Nothing was started.

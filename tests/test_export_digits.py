@@ -13,9 +13,12 @@ def test_every_digit_is_written_once_with_its_label(tmp_path):
 
     out = tmp_path / "digits"
     result = subprocess.run(
-        [sys.executable, "scripts/export_digits.py", str(out)], cwd=ROOT, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "scripts/export_digits.py", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Wrote 1442 train and 355 test images" in result.stdout
     digits = load_digits()
@@ -33,7 +36,10 @@ def test_every_digit_is_written_once_with_its_label(tmp_path):
     per_class = [len(list((out / "test" / str(d)).iterdir())) for d in range(10)]
     assert sum(per_class) == 355 and set(per_class) <= {34, 35, 36}
     again = subprocess.run(
-        [sys.executable, "scripts/export_digits.py", str(out)], cwd=ROOT, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "scripts/export_digits.py", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 1 and "already holds" in again.stderr

@@ -8,19 +8,37 @@ import sys
 from helpers import ROOT, main_environment
 
 ROW_KEYS = {
-    "path", "image_size", "workers", "augment", "images", "img_per_s", "img_per_cpu_s",
+    "path",
+    "image_size",
+    "workers",
+    "augment",
+    "images",
+    "img_per_s",
+    "img_per_cpu_s",
     "cores_busy",
-}  # fmt: skip
+}
 
 
 def test_input_benchmark_prints_a_table_and_json(tmp_path):
     out = tmp_path / "input.json"
     result = subprocess.run(
-        [sys.executable, "scripts/input_benchmark.py", "--sizes=16,64", "--workers=0,1",
-         "--batch_size=8", "--batches=2", "--repeats=1", "--num_files=40",
-         f"--json_out={out}"],
-        cwd=ROOT, env=main_environment(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/input_benchmark.py",
+            "--sizes=16,64",
+            "--workers=0,1",
+            "--batch_size=8",
+            "--batches=2",
+            "--repeats=1",
+            "--num_files=40",
+            f"--json_out={out}",
+        ],
+        cwd=ROOT,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("4 x cpu; host: ")
@@ -29,9 +47,16 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
 
     rows = {(r["path"], r["image_size"], r["workers"]): r for r in data["rows"]}
     assert sorted(rows, key=str) == sorted(
-        [("device", 16, None), ("stream", 16, 0), ("stream", 16, 1),
-         ("device", 64, None), ("stream", 64, 0), ("stream", 64, 1)], key=str,
-    )  # fmt: skip
+        [
+            ("device", 16, None),
+            ("stream", 16, 0),
+            ("stream", 16, 1),
+            ("device", 64, None),
+            ("stream", 64, 0),
+            ("stream", 64, 1),
+        ],
+        key=str,
+    )
     for key, row in rows.items():
         assert set(row) == ROW_KEYS, key
         assert row["images"] == 2 * 8, key  # --batches x --batch_size, per timed window
@@ -78,9 +103,13 @@ print(with_alive, with_reaped, after_exit, time.process_time() - start_self)
 
 def test_cpu_seconds_counts_live_and_reaped_children():
     result = subprocess.run(
-        [sys.executable, "-c", _CPU_CHECK], cwd=ROOT, env=main_environment(),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-c", _CPU_CHECK],
+        cwd=ROOT,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with_alive, with_reaped, after_exit, own = map(float, result.stdout.split())
     assert own < 0.25  # This process mostly slept.

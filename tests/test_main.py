@@ -24,9 +24,12 @@ def test_summary_of_the_headline_config():
 
 def test_summary_of_torchvision_resnet18():
     info = summary(
-        "--config", "configs/resnet18.py", "--config.model.stem=imagenet",
-        "--config.model.num_classes=1000", "--config.image_size=224",
-    )  # fmt: skip
+        "--config",
+        "configs/resnet18.py",
+        "--config.model.stem=imagenet",
+        "--config.model.num_classes=1000",
+        "--config.image_size=224",
+    )
     assert info["total_params"] == 11_689_512
     # torchvision's 1.814 GMAC at 224x224.
     assert abs(info["flops_per_example"] / 2e9 - 1.814) < 0.002
@@ -42,8 +45,9 @@ def test_summary_of_the_paper_cifar10_net_and_its_plain_twin():
 
 
 def test_bad_config_value_fails_fast_with_the_valid_choices():
-    result = run_main("--config", "configs/resnet18.py", "--config.model.name=vgg16",
-                      "--workdir", "/tmp/unused")  # fmt: skip
+    result = run_main(
+        "--config", "configs/resnet18.py", "--config.model.name=vgg16", "--workdir", "/tmp/unused"
+    )
     assert result.returncode == 1
     assert result.stderr.count("Unknown model name 'vgg16'") == 1  # Said once, not twice.
     assert "resnet18" in result.stderr and "plain56" in result.stderr
@@ -55,7 +59,7 @@ def test_a_misspelt_key_and_a_missing_config_file_are_one_line_each():
     assert misspelt.returncode == 1
     assert misspelt.stderr.strip().splitlines() == [
         "error: no config key 'batchsize'. Did you mean \"batch_size\" instead of "
-        '"batchsize"? Every key, with its meaning, is in configs/default.py.'
+        '"batchsize"? Every key, with its meaning, is in resnet_jax/defaults.py.'
     ]
     missing = run_main("--config", "configs/nope.py", "--mode=summary")
     assert missing.returncode == 1
@@ -80,15 +84,20 @@ def test_deterministic_gpu_kernels_are_asked_for_and_a_users_choice_is_kept(monk
 
 
 def test_unknown_dataset_fails_fast():
-    result = run_main("--config", "configs/smoke.py", "--config.dataset=imagenet21k",
-                      "--mode=summary")  # fmt: skip
+    result = run_main(
+        "--config", "configs/smoke.py", "--config.dataset=imagenet21k", "--mode=summary"
+    )
     assert result.returncode == 1
     assert "Unknown dataset 'imagenet21k'" in result.stderr
     assert "cifar100" in result.stderr and "image_folder" in result.stderr
 
 
 def test_runs_from_any_working_directory(tmp_path):
-    result = run_main("--config", str(ROOT / "configs" / "paper_cifar10.py") + ":20",
-                      "--mode=summary", cwd=tmp_path)  # fmt: skip
+    result = run_main(
+        "--config",
+        str(ROOT / "configs" / "paper_cifar10.py") + ":20",
+        "--mode=summary",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["total_params"] == 269_722

@@ -86,8 +86,15 @@ def test_names_follow_torchvision():
     params = shapes("resnet50", 1000, 64, stem="imagenet")["params"]
     block = params["layer2_0"]
     assert sorted(block) == [
-        "bn1", "bn2", "bn3", "conv1", "conv2", "conv3", "downsample_bn", "downsample_conv",
-    ]  # fmt: skip
+        "bn1",
+        "bn2",
+        "bn3",
+        "conv1",
+        "conv2",
+        "conv3",
+        "downsample_bn",
+        "downsample_conv",
+    ]
     # v1.5: the stride sits on the 3x3 conv; Flax kernels are HWIO.
     assert block["conv2"]["kernel"].shape == (3, 3, 128, 128)
     assert block["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
@@ -282,8 +289,10 @@ def test_every_shipped_config_is_valid():
     imagenet = resnet50_imagenet.get_config()
     assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples
     assert (imagenet.input, imagenet.augment, imagenet.eval_split) == (
-        "stream", "random_resized_crop", "validation",
-    )  # fmt: skip
+        "stream",
+        "random_resized_crop",
+        "validation",
+    )
     for depth in ("20", "56", "110"):
         config = paper_cifar10.get_config(depth)
         config_checks.validate(config)

@@ -30,8 +30,13 @@ def run_two(args):
 
 def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_path):
     workdir = tmp_path / "run"
-    args = ["--config", "configs/smoke.py", "--workdir", str(workdir),
-            f"--config.data_dir={toy_folder}"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={toy_folder}",
+    ]
     outputs = run_two(args)
     assert "global batch 32 over 4 devices in 2 processes" in outputs[0]
     results = json.loads((workdir / "eval_results.json").read_text())
@@ -41,8 +46,15 @@ def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_pa
     assert results["top1"] >= 0.9
     assert (workdir / "checkpoints" / "150" / "model").is_dir()
 
-    single = run_main("--config", "configs/smoke.py", "--mode=eval", "--workdir", str(workdir),
-                      f"--config.data_dir={toy_folder}", devices=1)  # fmt: skip
+    single = run_main(
+        "--config",
+        "configs/smoke.py",
+        "--mode=eval",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={toy_folder}",
+        devices=1,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     evaluated = json.loads(single.stdout.strip().splitlines()[-1])
     assert evaluated["step"] == 150 and evaluated["num_examples"] == 63

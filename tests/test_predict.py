@@ -1,14 +1,12 @@
 """resnet_jax.predict on a small checkpoint: the evaluation's preprocessing, and bad input."""
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, main_environment, tiny_state
+from helpers import run_module, tiny_state
 from PIL import Image
 
 from configs import smoke
@@ -67,10 +65,7 @@ def test_classifies_as_the_evaluation_preprocesses(run, tmp_path):
 
 
 def run_predict(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.predict", *map(str, args)], cwd=ROOT,
-        env=main_environment(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_module("resnet_jax.predict", *args, timeout=300)
 
 
 def test_many_files_in_batches_with_progress(run, tmp_path):

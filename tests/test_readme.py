@@ -18,11 +18,16 @@ from helpers import ROOT, main_environment, run_main
 from PIL import Image
 
 SHRINK = [
-    "--config.model.name=resnet8", "--config.model.width_multiplier=0.25",
-    "--config.batch_size=16", "--config.eval_batch_size=8", "--config.lr_schedule=constant",
-    "--config.log_every_steps=2", "--config.eval_every_steps=4",
-    "--config.checkpoint_every_steps=2", "--config.profile_num_steps=0",
-]  # fmt: skip
+    "--config.model.name=resnet8",
+    "--config.model.width_multiplier=0.25",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=8",
+    "--config.lr_schedule=constant",
+    "--config.log_every_steps=2",
+    "--config.eval_every_steps=4",
+    "--config.checkpoint_every_steps=2",
+    "--config.profile_num_steps=0",
+]
 
 
 def readme_commands(module="main"):
@@ -66,9 +71,13 @@ def run_as_written(args, user_dir, *extra, module="main"):
         result = run_main(*args, *extra, cwd=user_dir)
     else:
         result = subprocess.run(
-            [sys.executable, "-m", f"resnet_jax.{module}", *args, *extra], cwd=user_dir,
-            env=main_environment(), capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [sys.executable, "-m", f"resnet_jax.{module}", *args, *extra],
+            cwd=user_dir,
+            env=main_environment(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -132,9 +141,10 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
         files[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(image).save(files[-1])
     result = run_as_written(
-        ["--workdir", "runs/resnet18", "--json", "--batch_size=16", "test_images"], user_dir,
+        ["--workdir", "runs/resnet18", "--json", "--batch_size=16", "test_images"],
+        user_dir,
         module="predict",
-    )  # fmt: skip
+    )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["path"] for line in lines] == [f"test_images/{i:02d}.png" for i in range(37)]
     hits = sum(
@@ -167,10 +177,17 @@ def test_imagenet_recipe_command_streams(user_dir, toy_folder):
     """
     (imagenet,) = [c for c in COMMANDS if "configs/resnet50_imagenet.py" in c]
     result = run_as_written(
-        imagenet, user_dir, *SHRINK, "--config.dataset=image_folder",
-        f"--config.data_dir={toy_folder}", "--config.eval_split=test", "--config.image_size=16",
-        "--config.eval_resize_size=20", "--config.num_train_steps=4", "--config.input_workers=1",
-    )  # fmt: skip
+        imagenet,
+        user_dir,
+        *SHRINK,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={toy_folder}",
+        "--config.eval_split=test",
+        "--config.image_size=16",
+        "--config.eval_resize_size=20",
+        "--config.num_train_steps=4",
+        "--config.input_workers=1",
+    )
     assert "stream input" in result.stderr
     results = json.loads((user_dir / "runs" / "resnet50" / "eval_results.json").read_text())
     assert results["num_examples"] == 63 and results["step"] == 4
@@ -212,10 +229,15 @@ def test_degradation_command(user_dir, cifar):
     root, _ = cifar
     (args,) = DEGRADATIONS
     run_as_written(
-        args, user_dir, *SHRINK, "--depths=8", "--config.dataset=cifar100",
-        f"--config.data_dir={root / 'data'}", "--config.num_train_steps=2",
+        args,
+        user_dir,
+        *SHRINK,
+        "--depths=8",
+        "--config.dataset=cifar100",
+        f"--config.data_dir={root / 'data'}",
+        "--config.num_train_steps=2",
         module="experiments.degradation",
-    )  # fmt: skip
+    )
     workdir = user_dir / args[args.index("--workdir") + 1]
     runs = json.loads((workdir / "degradation.json").read_text())["runs"]
     assert [r["model"] for r in runs] == ["plain8", "resnet8"]
@@ -223,3 +245,41 @@ def test_degradation_command(user_dir, cifar):
         final = json.loads((workdir / run["model"] / "eval_results.json").read_text())
         assert final["num_examples"] == 37 and final["step"] == run["steps"] == 2
     assert (workdir / "degradation.png").is_file() and (workdir / "degradation.md").is_file()
+
+
+def readme_script_commands(script):
+    """The README's `python scripts/<script> ...` commands, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    return [shlex.split(line)[2:] for line in lines if line.startswith(f"python scripts/{script} ")]
+
+
+def test_fashion_mnist_commands(user_dir, tmp_path):
+    """Export idx files and train on them, as written: tiny idx files stand in for Debian's."""
+    from data_fixtures import write_idx_dataset
+
+    (export,) = readme_script_commands("export_idx.py")
+    assert export[0] == "/usr/share/datasets/fashion-mnist"
+    written = write_idx_dataset(tmp_path / "idx", num_train=60, num_test=30)
+    args = [str(tmp_path / "idx"), *export[1:]]
+    args[args.index("--train_subset") + 1] = "20"  # The tiny training split has 60 images.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_idx.py"), *args],
+        cwd=user_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = user_dir / export[1]
+    assert len(list((out / "train").glob("*/*.png"))) == 60
+    assert len(list((out / "train20").glob("*/*.png"))) == 20
+
+    (train,) = [c for c in COMMANDS if "configs/fashion_mnist.py" in c]
+    run_as_written(train, user_dir, *SHRINK, "--config.num_train_steps=4")
+    workdir = user_dir / train[train.index("--workdir") + 1]
+    results = json.loads((workdir / "eval_results.json").read_text())
+    assert results["num_examples"] == len(written["test"]["labels"]) == 30
+    assert results["step"] == 4
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["image_size"] == 28 and config["model"]["name"] == "resnet8"  # SHRINK's.

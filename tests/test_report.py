@@ -2,13 +2,11 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from data_fixtures import write_image_folder
-from helpers import ROOT, main_environment, run_main
+from helpers import run_main, run_module
 from PIL import Image
 
 from resnet_jax import predict, report
@@ -20,10 +18,7 @@ STEPS, LOG_EVERY, EVAL_EVERY = 20, 5, 10
 
 
 def run_report(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_jax.report", *args], cwd=ROOT, env=main_environment(),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_module("resnet_jax.report", *args, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +27,17 @@ def trained(tmp_path_factory):
     write_image_folder(data, COLORS, num_train_per_class=24, num_test_per_class=11, size=16)
     workdir = tmp_path_factory.mktemp("run")
     result = run_main(
-        "--config", "configs/smoke.py", "--workdir", str(workdir),
-        f"--config.data_dir={data}", f"--config.num_train_steps={STEPS}",
-        f"--config.log_every_steps={LOG_EVERY}", f"--config.eval_every_steps={EVAL_EVERY}",
-        f"--config.checkpoint_every_steps={EVAL_EVERY}", "--config.batch_size=16",
-    )  # fmt: skip
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data}",
+        f"--config.num_train_steps={STEPS}",
+        f"--config.log_every_steps={LOG_EVERY}",
+        f"--config.eval_every_steps={EVAL_EVERY}",
+        f"--config.checkpoint_every_steps={EVAL_EVERY}",
+        "--config.batch_size=16",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_report("--workdir", str(workdir))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,6 +123,8 @@ def test_bad_input_is_one_line(tmp_path, trained):
     # Curves alone need no checkpoint and no dataset.
     summary = report.write_report(workdir, tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        "curves.png", "index.md", "report.json"
-    ]  # fmt: skip
+        "curves.png",
+        "index.md",
+        "report.json",
+    ]
     assert "top1" not in summary and summary["curves"]["train_loss"] > 0

@@ -18,8 +18,8 @@ from PIL import Image
 
 from configs import default
 from resnet_jax import config_checks
-from resnet_jax.data import sources
-from resnet_jax.data.sources import DatasetError
+from resnet_jax.data import folders, sources, tfds_source
+from resnet_jax.data.errors import DatasetError
 
 NUM_TRAIN, NUM_TEST = 250, 101
 BATCH = 32
@@ -110,7 +110,7 @@ def test_prepared_dataset_is_reused_without_network_or_archive(cifar, monkeypatc
     def must_not_run(*args, **kwargs):
         raise AssertionError("a prepared dataset must not be prepared or downloaded again")
 
-    monkeypatch.setattr(sources.socket, "create_connection", must_not_run)
+    monkeypatch.setattr(tfds_source.socket, "create_connection", must_not_run)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_run)
     reused = make_config(data_dir=config.data_dir, manual_dir=str(tmp_path / "empty"))
     split = sources.load_split(reused, "test", process_index=0, process_count=1)
@@ -251,7 +251,7 @@ def test_offline_without_archive_says_where_to_put_it(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("simulated: Name or service not known")
 
-    monkeypatch.setattr(sources.socket, "create_connection", no_network)
+    monkeypatch.setattr(tfds_source.socket, "create_connection", no_network)
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)  # with a proxy, tfds would try anyway
     config = make_config(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
@@ -270,7 +270,7 @@ def test_another_tfds_dataset_offline_fails_fast_with_the_catalog_page(tmp_path,
     def no_network(*args, **kwargs):
         raise OSError("simulated: Name or service not known")
 
-    monkeypatch.setattr(sources.socket, "create_connection", no_network)
+    monkeypatch.setattr(tfds_source.socket, "create_connection", no_network)
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
     config = make_config(dataset="mnist", data_dir=str(tmp_path / "tfds"), image_size=28)
@@ -291,7 +291,7 @@ def test_failed_download_inside_tfds_becomes_dataset_error(tmp_path, monkeypatch
     def no_network(*args, **kwargs):
         raise requests.exceptions.ConnectionError("simulated: network unreachable")
 
-    monkeypatch.setattr(sources, "_can_reach", lambda *a, **k: True)
+    monkeypatch.setattr(tfds_source, "_can_reach", lambda *a, **k: True)
     from tensorflow_datasets.core.download import downloader  # a submodule tfds loads lazily
 
     monkeypatch.setattr(downloader, "_open_url", no_network)
@@ -309,7 +309,7 @@ def test_wrong_archive_is_rejected_by_checksum(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise AssertionError("must not probe the network when the archive is there")
 
-    monkeypatch.setattr(sources, "_can_reach", unreachable)
+    monkeypatch.setattr(tfds_source, "_can_reach", unreachable)
     write_cifar100_archive(tmp_path / "manual", 4, 2)
     config = make_config(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "manual"))
     with pytest.raises(
@@ -323,20 +323,20 @@ def test_read_image_resize_then_centre_crop(tmp_path):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(400, 256, 3), dtype=np.uint8)  # 256 wide, 400 high
     Image.fromarray(pixels).save(tmp_path / "tall.png")
-    crop = sources.read_image(tmp_path / "tall.png", 224, resize_size=256)
+    crop = folders.read_image(tmp_path / "tall.png", 224, resize_size=256)
     # Already 256 on its shorter side: not resampled, the exact central pixels.
     np.testing.assert_array_equal(crop, pixels[88:312, 16:240])
 
     Image.fromarray(pixels).resize((300, 500)).save(tmp_path / "big.png")
-    crop = sources.read_image(tmp_path / "big.png", 224, resize_size=256)
+    crop = folders.read_image(tmp_path / "big.png", 224, resize_size=256)
     resized = np.asarray(Image.open(tmp_path / "big.png").resize((256, 426), Image.BILINEAR))
     np.testing.assert_array_equal(crop, resized[101:325, 16:240])  # round((426-224)/2) = 101
 
     # 0: the whole image squeezed to the square, as CIFAR-like folders are read.
-    whole = sources.read_image(tmp_path / "big.png", 32)
+    whole = folders.read_image(tmp_path / "big.png", 32)
     assert whole.shape == (32, 32, 3)
-    with pytest.raises(sources.DatasetError, match="eval_resize_size=200 must be 0 or"):
-        sources.read_image(tmp_path / "big.png", 224, resize_size=200)
+    with pytest.raises(DatasetError, match="eval_resize_size=200 must be 0 or"):
+        folders.read_image(tmp_path / "big.png", 224, resize_size=200)
 
 
 def test_image_folder_with_eval_resize_size(image_folder):

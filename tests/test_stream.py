@@ -18,8 +18,8 @@ from data_fixtures import (
 )
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from resnet_jax.data import sources, stream
-from resnet_jax.data.sources import DatasetError
+from resnet_jax.data import folders, sources, splits, stream
+from resnet_jax.data.errors import DatasetError
 
 COLORS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 NUM_TRAIN_PER_CLASS, NUM_TEST_PER_CLASS, FILE_SIZE = 15, 7, 12
@@ -134,7 +134,7 @@ def test_one_epoch_is_the_shard_minus_the_remainder(folder):
 
 def test_batches_are_a_pure_function_of_seed_and_step(folder, reference):
     split, batches = reference
-    steps = sources.steps_per_epoch(NUM_TRAIN, 1, 4)
+    steps = splits.steps_per_epoch(NUM_TRAIN, 1, 4)
     assert steps == 11  # 45 // 4: one example sits out each epoch.
     # Started inside epoch 0, running into epoch 2.
     start = steps - 2
@@ -192,7 +192,7 @@ def test_crop_flip_is_a_crop_of_the_padded_resized_file(folder, reference):
     sources_by_label = {label: [] for label in range(3)}
     for name, label in zip(split.class_names, range(3), strict=True):
         for path in sorted((folder / "train" / name).iterdir()):
-            image = sources.read_image(path, SIZE)
+            image = folders.read_image(path, SIZE)
             sources_by_label[label].append(np.pad(image, ((pad, pad), (pad, pad), (0, 0))))
     offsets, flips = [], []
     for batch in batches[:6]:
@@ -224,7 +224,7 @@ def test_random_resized_crop_batches(folder, reference):
     batch = take(iterator, 2)
     iterator.close()
     plain = {
-        sources.read_image(p, SIZE).tobytes()
+        folders.read_image(p, SIZE).tobytes()
         for name in split.class_names
         for p in (folder / "train" / name).iterdir()
     }
@@ -302,7 +302,7 @@ def test_inception_crop_geometry_exif_and_draft(tmp_path, monkeypatch):
 def test_eval_covers_each_example_once_over_two_processes(folder):
     config = make_config(folder)
     batch = 4
-    count = sources.num_eval_batches(NUM_TEST, 2, batch)
+    count = splits.num_eval_batches(NUM_TEST, 2, batch)
     assert count == 3  # Shards of 10 and 11: 3 batches of 4 each.
     seen = []
     for process, workers in ((0, 0), (1, 2)):
@@ -333,7 +333,7 @@ def test_eval_covers_each_example_once_over_two_processes(folder):
         np.testing.assert_array_equal(labels[:local], in_memory.labels)
         seen.extend(images[:local])
     every_file = [
-        sources.read_image(p, SIZE).tobytes()
+        folders.read_image(p, SIZE).tobytes()
         for name in ("blue", "green", "red")
         for p in (folder / "test" / name).iterdir()
     ]
@@ -361,7 +361,7 @@ def test_eval_resize_then_central_crop_matches_read_image(tmp_path):
         split, per_process_batch_size=5, num_batches=1, image_size=8, resize_size=10, num_workers=0
     )
     paths = [record.source for record in split.records]
-    want = np.stack([sources.read_image(p, 8, 10) for p in paths])
+    want = np.stack([folders.read_image(p, 8, 10) for p in paths])
     np.testing.assert_array_equal(got["image"], want)
     assert got["mask"].all()
 

@@ -7,18 +7,16 @@ importer, and our eval-mode logits must match PyTorch's (float32, highest precis
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, main_environment, run_main
+from helpers import run_main, run_module
 from PIL import Image
 
-from resnet_jax import checkpointing, import_torch, train
+from resnet_jax import checkpointing, evaluate, import_torch
 from resnet_jax import torch_resnet as tm
 from resnet_jax.models import create_model
 
@@ -62,7 +60,7 @@ def our_logits(workdir, images_nhwc):
     config = ml_collections.ConfigDict(meta["config"])
     model = create_model(config.model, config.model.num_classes)
     placement = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    variables = train.restore_model(manager, 0, model, config.image_size, placement)
+    variables = evaluate.restore_model(manager, 0, model, config.image_size, placement)
     with jax.default_matmul_precision("highest"):
         return np.asarray(model.apply(variables, images_nhwc, train=False))
 
@@ -87,21 +85,30 @@ def test_the_reference_nets_have_the_published_parameter_counts():
 CASES = {
     # name: (torch net, our model name, input size, expected preprocessing)
     "torchvision_basic": (
-        lambda: tm.ResNet(tm.BasicBlock, (2, 2, 2, 2), 1000), "resnet18", 224,
+        lambda: tm.ResNet(tm.BasicBlock, (2, 2, 2, 2), 1000),
+        "resnet18",
+        224,
         (224, 256, IMAGENET_MEAN),
     ),
     "torchvision_bottleneck": (
-        lambda: tm.ResNet(tm.Bottleneck, (3, 4, 6, 3), 7), "resnet50", 64, (224, 256, IMAGENET_MEAN),
+        lambda: tm.ResNet(tm.Bottleneck, (3, 4, 6, 3), 7),
+        "resnet50",
+        64,
+        (224, 256, IMAGENET_MEAN),
     ),
     "cifar_projection": (
-        lambda: tm.ResNet(tm.BasicBlock, (2, 2, 2, 2), 100, "cifar"), "resnet18", 32,
+        lambda: tm.ResNet(tm.BasicBlock, (2, 2, 2, 2), 100, "cifar"),
+        "resnet18",
+        32,
         (32, 0, CIFAR100_MEAN),
     ),
     "cifar_option_a": (
         lambda: tm.ResNet(tm.BasicBlock, (3, 3, 3), 10, "cifar", (16, 32, 64), option_a=True),
-        "resnet20", 32, (32, 0, (0.4914, 0.4822, 0.4465)),
+        "resnet20",
+        32,
+        (32, 0, (0.4914, 0.4822, 0.4465)),
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -163,13 +170,6 @@ def write_photos(folder):
     return files, broken
 
 
-def run_module(module, *args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=main_environment(), text=True,
-        capture_output=True, timeout=600,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def imported_resnet18(tmp_path_factory):
     """A torchvision-layout resnet18 with random weights, imported by the command line."""
@@ -185,9 +185,12 @@ def imported_resnet18(tmp_path_factory):
     names.write_text("".join(f"name {i}\n" for i in range(1000)))
     path = save_state_dict(model, folder / "resnet18.pth")
     result = run_module(
-        "resnet_jax.import_torch", "--model=resnet18", f"--state_dict={path}",
-        f"--workdir={folder / 'run'}", f"--class_names={names}",
-    )  # fmt: skip
+        "resnet_jax.import_torch",
+        "--model=resnet18",
+        f"--state_dict={path}",
+        f"--workdir={folder / 'run'}",
+        f"--class_names={names}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Imported 11,689,512 parameters of resnet18 (1000 classes)" in result.stdout
     return model, folder / "run"
@@ -197,9 +200,12 @@ def test_predict_agrees_with_pytorch_top5(imported_resnet18, tmp_path):
     model, workdir = imported_resnet18
     files, broken = write_photos(tmp_path / "photos")
     result = run_module(
-        "resnet_jax.predict", f"--workdir={workdir}", "--json", "--batch_size=3",
+        "resnet_jax.predict",
+        f"--workdir={workdir}",
+        "--json",
+        "--batch_size=3",
         *map(str, [files[0], broken, *files[1:]]),
-    )  # fmt: skip
+    )
     # The broken file is reported, the others are still classified, and the status says so.
     assert result.returncode == 1
     assert f"Cannot read image file {broken}" in result.stderr
@@ -225,9 +231,11 @@ def test_a_mismatched_state_dict_is_listed_and_nothing_is_written(tmp_path):
     state["layer3.0.conv1.weight"] = torch.zeros(256, 100, 3, 3)
     torch.save(state, tmp_path / "r34.pth")
     result = run_module(
-        "resnet_jax.import_torch", "--model=resnet18", f"--state_dict={tmp_path / 'r34.pth'}",
+        "resnet_jax.import_torch",
+        "--model=resnet18",
+        f"--state_dict={tmp_path / 'r34.pth'}",
         f"--workdir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert "error: The state_dict does not fit the model." in result.stderr
     assert "unexpected in the file" in result.stderr and "layer1.2.conv1.weight" in result.stderr
@@ -257,9 +265,11 @@ def test_pickled_code_is_never_run(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"conv1.weight": _RunsCode(marker)}, f)
     result = run_module(
-        "resnet_jax.import_torch", "--model=resnet18", f"--state_dict={tmp_path / 'evil.pth'}",
+        "resnet_jax.import_torch",
+        "--model=resnet18",
+        f"--state_dict={tmp_path / 'evil.pth'}",
         f"--workdir={tmp_path / 'run'}",
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert "weights_only=True" in result.stderr and "refused" in result.stderr
     assert not marker.exists()
@@ -286,9 +296,12 @@ def test_imported_cifar_weights_evaluate_as_in_pytorch(cifar, tmp_path):
     )
     assert summary["class_names"]  # From tfds's metadata of the prepared dataset.
     result = run_main(
-        f"--config=configs/from_workdir.py:{tmp_path / 'run'}", f"--workdir={tmp_path / 'run'}",
-        "--mode=eval", f"--config.data_dir={root / 'data'}", "--config.eval_batch_size=8",
-    )  # fmt: skip
+        f"--config=configs/from_workdir.py:{tmp_path / 'run'}",
+        f"--workdir={tmp_path / 'run'}",
+        "--mode=eval",
+        f"--config.data_dir={root / 'data'}",
+        "--config.eval_batch_size=8",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -305,11 +318,15 @@ def test_training_continues_from_imported_weights(toy_folder, tmp_path):
     path = save_state_dict(randomized(model, 3), tmp_path / "r8.pth")
     import_torch.import_state_dict("resnet8", str(path), str(tmp_path / "run"))
     result = run_main(
-        f"--config=configs/from_workdir.py:{tmp_path / 'run'}", f"--workdir={tmp_path / 'run'}",
-        "--config.dataset=image_folder", f"--config.data_dir={toy_folder}",
-        "--config.num_train_steps=2", "--config.batch_size=16", "--config.eval_batch_size=24",
+        f"--config=configs/from_workdir.py:{tmp_path / 'run'}",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={toy_folder}",
+        "--config.num_train_steps=2",
+        "--config.batch_size=16",
+        "--config.eval_batch_size=24",
         "--config.profile_num_steps=0",
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting from the weights imported from" in result.stderr
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 2
@@ -317,9 +334,13 @@ def test_training_continues_from_imported_weights(toy_folder, tmp_path):
 
 @pytest.mark.parametrize(
     "name, stem, width, classes",
-    [("resnet18", "cifar", 1.0, 100), ("resnet50", "imagenet", 1.0, 1000),
-     ("resnet56", "cifar", 1.0, 10), ("resnet8", "cifar", 0.25, 3)],
-)  # fmt: skip
+    [
+        ("resnet18", "cifar", 1.0, 100),
+        ("resnet50", "imagenet", 1.0, 1000),
+        ("resnet56", "cifar", 1.0, 10),
+        ("resnet8", "cifar", 0.25, 3),
+    ],
+)
 def test_the_benchmarks_pytorch_twins_have_our_parameter_counts(name, stem, width, classes):
     from configs import default
 

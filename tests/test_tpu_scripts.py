@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
-from resnet_jax import train
+from resnet_jax import checkpointing
 
 SCRIPTS = ROOT / "scripts"
 COMMON = ["--name", "my-tpu", "--zone", "us-central2-b", "--project", "my-project"]
@@ -34,8 +34,9 @@ def no_gcloud(tmp_path, monkeypatch):
 
 
 def script(name, *args, env=None):
-    return subprocess.run(["bash", str(SCRIPTS / name), *args], capture_output=True,
-                          text=True, env=env, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(SCRIPTS / name), *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def dry_run(name, *args, env=None):
@@ -64,8 +65,16 @@ def test_every_script_passes_shellcheck():
 @pytest.mark.parametrize("tpu_type", ["v4-8", "v4-32"])
 def test_create_and_delete(tpu_type):
     (create,) = dry_run("tpu_create.sh", *COMMON, "--type", tpu_type)
-    assert create == ["gcloud", "compute", "tpus", "tpu-vm", "create", *LOCATION,
-                      f"--accelerator-type={tpu_type}", "--version=tpu-ubuntu2204-base"]  # fmt: skip
+    assert create == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        *LOCATION,
+        f"--accelerator-type={tpu_type}",
+        "--version=tpu-ubuntu2204-base",
+    ]
     (delete,) = dry_run("tpu_delete.sh", *COMMON)
     assert delete == ["gcloud", "compute", "tpus", "tpu-vm", "delete", *LOCATION, "--quiet"]
 
@@ -73,8 +82,10 @@ def test_create_and_delete(tpu_type):
 def test_v5e_gets_its_own_software_and_spot_is_passed_on():
     (create,) = dry_run("tpu_create.sh", *COMMON, "--type=v5litepod-16", "--spot")
     assert create[-3:] == [
-        "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite", "--spot"
-    ]  # fmt: skip
+        "--accelerator-type=v5litepod-16",
+        "--version=v2-alpha-tpuv5-lite",
+        "--spot",
+    ]
 
 
 def test_settings_come_from_the_environment_too(no_gcloud):
@@ -87,8 +98,14 @@ def test_sync_and_install_reach_every_worker():
     tar, scp, unpack = dry_run("tpu_sync.sh", *COMMON)
     assert tar[:3] == ["tar", "-czf", tar[2]] and tar[-3:] == ["-C", str(ROOT), "."]
     assert "--exclude=.venv" in tar and "--exclude=.git" in tar
-    assert scp[4:] == ["scp", "--zone=us-central2-b", "--project=my-project", tar[2],
-                       "my-tpu:resnet_jax_sync.tar.gz", "--worker=all"]  # fmt: skip
+    assert scp[4:] == [
+        "scp",
+        "--zone=us-central2-b",
+        "--project=my-project",
+        tar[2],
+        "my-tpu:resnet_jax_sync.tar.gz",
+        "--worker=all",
+    ]
     assert unpack[:-1] == [*SSH, "--worker=all"]
     assert "tar -xzf resnet_jax_sync.tar.gz -C resnet_jax" in unpack[-1]
     (install,) = dry_run("tpu_install.sh", *COMMON)
@@ -103,16 +120,45 @@ def test_sync_and_install_reach_every_worker():
 @pytest.mark.parametrize("tpu_type", ["v4-8", "v4-32"])
 def test_train_runs_the_same_detached_command_on_every_worker(tpu_type):
     (ssh,) = dry_run(
-        "tpu_train.sh", *COMMON, "--type", tpu_type, "--workdir", WORKDIR,
-        "--data_dir", "gs://my-bucket/tfds", "--", "--config.batch_size=256",
-    )  # fmt: skip
+        "tpu_train.sh",
+        *COMMON,
+        "--type",
+        tpu_type,
+        "--workdir",
+        WORKDIR,
+        "--data_dir",
+        "gs://my-bucket/tfds",
+        "--",
+        "--config.batch_size=256",
+    )
     assert ssh[:-1] == [*SSH, "--worker=all"]
     assert remote(ssh) == [
-        "cd", "resnet_jax", "&&", "mkdir", "-p", "logs", "&&", "nohup", "setsid",
-        ".venv/bin/python", "-m", "resnet_jax.main", "--config", "configs/resnet18.py",
-        "--workdir", WORKDIR, "--distributed", "--config.data_dir=gs://my-bucket/tfds",
-        "--config.batch_size=256", ">", "logs/train.log", "2>&1", "<", "/dev/null", "&",
-    ]  # fmt: skip
+        "cd",
+        "resnet_jax",
+        "&&",
+        "mkdir",
+        "-p",
+        "logs",
+        "&&",
+        "nohup",
+        "setsid",
+        ".venv/bin/python",
+        "-m",
+        "resnet_jax.main",
+        "--config",
+        "configs/resnet18.py",
+        "--workdir",
+        WORKDIR,
+        "--distributed",
+        "--config.data_dir=gs://my-bucket/tfds",
+        "--config.batch_size=256",
+        ">",
+        "logs/train.log",
+        "2>&1",
+        "<",
+        "/dev/null",
+        "&",
+    ]
 
 
 def test_logs_tensorboard_stop_and_eval():
@@ -127,15 +173,28 @@ def test_logs_tensorboard_stop_and_eval():
     assert stop[:-1] == [*SSH, "--worker=all"]
     assert remote(stop)[:4] == ["pkill", "-TERM", "-f", "resnet_jax.main"]
     assert "sudo rm -f /tmp/libtpu_lockfile" in stop[-1]
-    (evaluate,) = dry_run("tpu_eval.sh", *COMMON, "--workdir", WORKDIR, "--",
-                          "--config.eval_checkpoint=best")  # fmt: skip
+    (evaluate,) = dry_run(
+        "tpu_eval.sh", *COMMON, "--workdir", WORKDIR, "--", "--config.eval_checkpoint=best"
+    )
     assert remote(evaluate)[3:] == [
-        ".venv/bin/python", "-m", "resnet_jax.main", "--config", "configs/resnet18.py",
-        "--workdir", WORKDIR, "--distributed", "--mode=eval", "--config.eval_checkpoint=best",
-    ]  # fmt: skip
+        ".venv/bin/python",
+        "-m",
+        "resnet_jax.main",
+        "--config",
+        "configs/resnet18.py",
+        "--workdir",
+        WORKDIR,
+        "--distributed",
+        "--mode=eval",
+        "--config.eval_checkpoint=best",
+    ]
     (prepare,) = dry_run("tpu_prepare_data.sh", *COMMON, "--data_dir", "gs://my-bucket/tfds")
-    assert remote(prepare)[3:] == [".venv/bin/tfds", "build", "cifar100",
-                                   "--data_dir=gs://my-bucket/tfds"]  # fmt: skip
+    assert remote(prepare)[3:] == [
+        ".venv/bin/tfds",
+        "build",
+        "cifar100",
+        "--data_dir=gs://my-bucket/tfds",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -155,6 +214,6 @@ def test_bad_settings_are_one_line_errors(name, args, message, no_gcloud):
 
 
 def test_a_gs_workdir_is_kept_as_it_is_and_a_relative_one_made_absolute(tmp_path, monkeypatch):
-    assert str(train.absolute_workdir(WORKDIR)) == WORKDIR
+    assert str(checkpointing.absolute_workdir(WORKDIR)) == WORKDIR
     monkeypatch.chdir(tmp_path)
-    assert str(train.absolute_workdir("runs/x")) == str(tmp_path / "runs" / "x")
+    assert str(checkpointing.absolute_workdir("runs/x")) == str(tmp_path / "runs" / "x")

@@ -11,7 +11,7 @@ import pytest
 from helpers import run_main, tiny_state
 
 from configs import default, smoke
-from resnet_jax import config_checks, data, sharding, train
+from resnet_jax import config_checks, data, evaluate, sharding, steps, train
 from resnet_jax.models import create_model
 
 
@@ -38,13 +38,13 @@ def test_one_device_and_four_devices_take_the_same_step():
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_mesh(devices)
         state, lr_fn = tiny_state(config, mesh)
-        p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
+        train_step_fn = steps.compile_train_step(config, lr_fn, mesh)
         losses = []
         for step in range(3):
             batch = sharding.global_batch(random_batch(seed=step), mesh)
-            fresh = train.empty_metrics(train.TrainMetrics, mesh)
-            state, step_metrics = p_train_step(state, fresh, batch)
-            losses.append(train.read_metrics(step_metrics)["loss"])
+            fresh = steps.empty_metrics(steps.TrainMetrics, mesh)
+            state, step_metrics = train_step_fn(state, fresh, batch)
+            losses.append(steps.read_metrics(step_metrics)["loss"])
         assert len(state.params["conv1"]["kernel"].sharding.device_set) == len(devices)
         results.append((losses, jax.device_get(state.params), jax.device_get(state.batch_stats)))
     (losses1, params1, stats1), (losses4, params4, stats4) = results
@@ -62,17 +62,17 @@ def test_half_precision_step_keeps_float32_state_and_a_close_loss():
     for half in (False, True):
         config = tiny_config(half_precision=half)
         model = create_model(config.model, 5, config.half_precision)
-        lr_fn = train.create_learning_rate_fn(config, 10, 100)
-        tx = train.create_optimizer(config, lr_fn)
-        state = train.create_train_state(config, model, tx, mesh)
-        p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-        fresh = train.empty_metrics(train.TrainMetrics, mesh)
-        state, step_metrics = p_train_step(
+        lr_fn = steps.create_learning_rate_fn(config, 10, 100)
+        tx = steps.create_optimizer(config, lr_fn)
+        state = steps.create_train_state(config, model, tx, mesh)
+        train_step_fn = steps.compile_train_step(config, lr_fn, mesh)
+        fresh = steps.empty_metrics(steps.TrainMetrics, mesh)
+        state, step_metrics = train_step_fn(
             state, fresh, sharding.global_batch(random_batch(), mesh)
         )
         for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state)):
             assert leaf.dtype in (jnp.float32, jnp.int32)  # The int32 is optax's step count.
-        losses.append(train.read_metrics(step_metrics)["loss"])
+        losses.append(steps.read_metrics(step_metrics)["loss"])
     assert losses[0] != losses[1]  # bfloat16 did change the arithmetic...
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # ...not the result.
 
@@ -88,11 +88,12 @@ def test_batch_norm_statistics_are_over_the_global_batch():
     _, updates = model.apply(
         {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats)},
         data.normalize(batch["image"], *data.normalization(config)),
-        train=True, mutable=["batch_stats"],
-    )  # fmt: skip
-    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-    fresh = train.empty_metrics(train.TrainMetrics, mesh)
-    new_state, _ = p_train_step(state, fresh, sharding.global_batch(batch, mesh))  # Donates.
+        train=True,
+        mutable=["batch_stats"],
+    )
+    train_step_fn = steps.compile_train_step(config, lr_fn, mesh)
+    fresh = steps.empty_metrics(steps.TrainMetrics, mesh)
+    new_state, _ = train_step_fn(state, fresh, sharding.global_batch(batch, mesh))  # Donates.
     np.testing.assert_allclose(
         new_state.batch_stats["bn1"]["mean"], updates["batch_stats"]["bn1"]["mean"], rtol=1e-5
     )
@@ -103,7 +104,7 @@ def schedule(**overrides):
     config.learning_rate = 0.1
     for key, value in overrides.items():
         config[key] = value
-    return train.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=1000)
+    return steps.create_learning_rate_fn(config, steps_per_epoch=100, num_train_steps=1000)
 
 
 def test_cosine_schedule_with_warmup():
@@ -146,17 +147,17 @@ def test_the_metrics_carried_through_the_steps_are_those_of_every_step():
     config = tiny_config()
     mesh = sharding.make_mesh()
     state, lr_fn = tiny_state(config, mesh)
-    p_train_step, _ = train.compile_steps(config, lr_fn, mesh)
-    carried = train.empty_metrics(train.TrainMetrics, mesh)
+    train_step_fn = steps.compile_train_step(config, lr_fn, mesh)
+    carried = steps.empty_metrics(steps.TrainMetrics, mesh)
     separate = []
     for step in range(3):
         batch = sharding.global_batch(random_batch(seed=step), mesh)
-        fresh = train.empty_metrics(train.TrainMetrics, mesh)
+        fresh = steps.empty_metrics(steps.TrainMetrics, mesh)
         # The same step twice from one state: once into the running collection, once alone.
-        _, alone = p_train_step(jax.tree.map(jnp.copy, state), fresh, batch)
-        separate.append(train.read_metrics(alone))
-        state, carried = p_train_step(state, carried, batch)
-    merged = train.read_metrics(carried)
+        _, alone = train_step_fn(jax.tree.map(jnp.copy, state), fresh, batch)
+        separate.append(steps.read_metrics(alone))
+        state, carried = train_step_fn(state, carried, batch)
+    merged = steps.read_metrics(carried)
     assert merged["loss"] == pytest.approx(np.mean([m["loss"] for m in separate]), rel=1e-6)
     assert merged["top1"] == pytest.approx(np.mean([m["top1"] for m in separate]), rel=1e-6)
     assert merged["learning_rate"] == separate[-1]["learning_rate"]
@@ -165,13 +166,16 @@ def test_the_metrics_carried_through_the_steps_are_those_of_every_step():
 
 
 def test_weight_decay_skips_batch_norm_and_biases_unless_asked():
-    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)},
-              "fc": {"bias": jnp.ones(2)}}  # fmt: skip
+    params = {
+        "conv": {"kernel": jnp.ones((3, 3, 2, 2))},
+        "bn": {"scale": jnp.ones(2)},
+        "fc": {"bias": jnp.ones(2)},
+    }
     grads = jax.tree.map(jnp.zeros_like, params)
     for decay_all, decayed in ((False, {"kernel"}), (True, {"kernel", "scale", "bias"})):
         config = default.get_config()
         config.weight_decay, config.weight_decay_all, config.momentum = 0.01, decay_all, 0.0
-        tx = train.create_optimizer(config, optax.constant_schedule(0.5))
+        tx = steps.create_optimizer(config, optax.constant_schedule(0.5))
         updates, _ = tx.update(grads, tx.init(params), params)
         for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
             name = path[-1].key
@@ -191,11 +195,11 @@ def test_batch_size_not_divisible_by_the_device_count_is_rejected():
 def test_num_classes_smaller_than_the_dataset_is_rejected():
     config = tiny_config()
     config.model.num_classes = 3
-    assert train.resolve_num_classes(config, 3) == 3
+    assert config_checks.resolve_num_classes(config, 3) == 3
     with pytest.raises(
         config_checks.ConfigError, match=r"model.num_classes=3 but dataset .* has 10 classes"
     ):
-        train.resolve_num_classes(config, 10)
+        config_checks.resolve_num_classes(config, 10)
 
 
 def test_evaluation_counts_every_example_exactly_once(cifar):
@@ -208,8 +212,8 @@ def test_evaluation_counts_every_example_exactly_once(cifar):
     inputs = data.open_input(config, mesh, train=False)
     assert inputs.mode == "device"
     state, lr_fn = tiny_state(config, mesh, num_classes=100)
-    _, p_eval_step = train.compile_steps(config, lr_fn, mesh)
-    results = train.evaluate(p_eval_step, state, inputs, config, mesh)
+    eval_step_fn = steps.compile_eval_step(mesh, config)
+    results = evaluate.evaluate(eval_step_fn, state, inputs, config, mesh)
     assert results["num_examples"] == 37
     # The same numbers computed directly over the 37 examples, unbatched.
     mean, std = data.normalization(config)
@@ -219,17 +223,25 @@ def test_evaluation_counts_every_example_exactly_once(cifar):
     )
     labels = written["test"]["fine_labels"]
     assert results["top1"] == pytest.approx(float((np.argmax(logits, -1) == labels).mean()))
-    expected_loss = float(train.cross_entropy(logits, jnp.asarray(labels, jnp.int32)).mean())
+    expected_loss = float(steps.cross_entropy(logits, jnp.asarray(labels, jnp.int32)).mean())
     assert results["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_training_on_the_tfds_cifar100_split(cifar, tmp_path):
     root, _ = cifar
     config = tiny_config(
-        dataset="cifar100", image_size=32, crop_padding=4, batch_size=16, eval_batch_size=8,
-        num_train_steps=8, log_every_steps=4, eval_every_steps=8, checkpoint_every_steps=8,
-        data_dir=str(root / "data"), manual_dir=str(root / "manual"),
-    )  # fmt: skip
+        dataset="cifar100",
+        image_size=32,
+        crop_padding=4,
+        batch_size=16,
+        eval_batch_size=8,
+        num_train_steps=8,
+        log_every_steps=4,
+        eval_every_steps=8,
+        checkpoint_every_steps=8,
+        data_dir=str(root / "data"),
+        manual_dir=str(root / "manual"),
+    )
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
     # 64 train images / batch 16 = 4 steps per epoch; all 37 test images evaluated.
     assert results["step"] == 8 and results["num_examples"] == 37
@@ -252,8 +264,14 @@ def scalars(workdir, tag):
 
 def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
     workdir = tmp_path / "run"
-    result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
-                      f"--config.data_dir={toy_folder}", "--config.profile_num_steps=3")  # fmt: skip
+    result = run_main(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={toy_folder}",
+        "--config.profile_num_steps=3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # A quiet console: the run's lines and the metrics, printed short; no library chatter
     # (Orbax alone wrote ~25 lines per checkpoint, 3 checkpoints here).
@@ -287,9 +305,14 @@ def test_an_eval_batch_size_that_does_not_divide_fails_before_the_first_step(toy
 def test_diverged_steps_are_never_saved_even_at_a_sigterm(toy_folder, tmp_path, monkeypatch):
     # Diverges within a few steps; the log comes too late (step 20), a SIGTERM asks for a
     # save at step 10.
-    config = tiny_config(learning_rate=1e12, num_train_steps=20, log_every_steps=20,
-                         eval_every_steps=100, checkpoint_every_steps=100,
-                         data_dir=str(toy_folder))  # fmt: skip
+    config = tiny_config(
+        learning_rate=1e12,
+        num_train_steps=20,
+        log_every_steps=20,
+        eval_every_steps=100,
+        checkpoint_every_steps=100,
+        data_dir=str(toy_folder),
+    )
     monkeypatch.setattr(train._StopRequest, "__call__", lambda self, step: step >= 10)
     with pytest.raises(FloatingPointError, match=r"not finite at step \d \(reported at step 10\)"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -297,15 +320,25 @@ def test_diverged_steps_are_never_saved_even_at_a_sigterm(toy_folder, tmp_path, 
 
 
 def test_diverging_training_stops_naming_the_step(toy_folder, tmp_path):
-    config = tiny_config(learning_rate=1e12, num_train_steps=20, log_every_steps=10,
-                         eval_every_steps=100, data_dir=str(toy_folder))  # fmt: skip
+    config = tiny_config(
+        learning_rate=1e12,
+        num_train_steps=20,
+        log_every_steps=10,
+        eval_every_steps=100,
+        data_dir=str(toy_folder),
+    )
     with pytest.raises(FloatingPointError, match=r"not finite at step \d+ \(reported at step 10\)"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_unknown_dataset_and_missing_folder_are_clear_errors(tmp_path):
-    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "run"),
-                      f"--config.data_dir={tmp_path / 'nowhere'}")  # fmt: skip
+    result = run_main(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data_dir={tmp_path / 'nowhere'}",
+    )
     assert result.returncode == 1
     assert str(tmp_path / "nowhere") in result.stderr
     assert "Traceback" not in result.stderr

@@ -19,47 +19,34 @@ evaluation example is counted once, and a file that cannot be read is named.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from resnet_jax import sharding
-from resnet_jax.config_checks import AUGMENTATIONS, INPUT_MODES
-from resnet_jax.data import device, sources
-from resnet_jax.data.sources import (
-    IMAGE_EXTENSIONS,
-    DatasetError,
-    DatasetSplit,
-    hide_accelerators_from_tensorflow,
-    normalization,
-    num_classes,
-    num_eval_batches,
-    preprocessing,
-    read_image,
-    steps_per_epoch,
-)
+from resnet_jax.data import device, sources, tfds_source
+from resnet_jax.data.catalog import normalization, preprocessing
+from resnet_jax.data.errors import DatasetError
+from resnet_jax.data.folders import IMAGE_EXTENSIONS, read_image
+from resnet_jax.data.interface import Input, TrainBatches
+from resnet_jax.data.sources import DatasetSplit, num_classes
+from resnet_jax.data.tfds_source import hide_accelerators_from_tensorflow
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "AUGMENTATIONS",
-    "INPUT_MODES",
     "DatasetError",
     "DatasetSplit",
     "Input",
+    "TrainBatches",
     "choose_mode",
     "hide_accelerators_from_tensorflow",
     "normalization",
     "normalize",
     "num_classes",
-    "num_eval_batches",
     "open_input",
     "preprocessing",
     "read_image",
-    "steps_per_epoch",
 ]
 
 # "auto" keeps the device-resident split to this share of a device's memory: the
@@ -98,118 +85,6 @@ def choose_mode(config: Any, num_train_examples: int, mesh: jax.sharding.Mesh) -
     return "device" if need <= _device_memory_budget(mesh) else "stream"
 
 
-@dataclasses.dataclass
-class Input:
-    """The training and evaluation data of a run, and the batches made from them.
-
-    Attributes:
-      mode: "device" or "stream".
-      train: This process's training split (in memory for "device", opened for "stream").
-      eval: This process's evaluation split.
-    """
-
-    mode: str
-    train: Any
-    eval: Any
-    config: Any
-    mesh: jax.sharding.Mesh
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.train.class_names
-
-    def steps_per_epoch(self, per_process_batch_size: int) -> int:
-        return steps_per_epoch(
-            self.train.num_examples, self.train.process_count, per_process_batch_size
-        )
-
-    def train_batches(self, per_process_batch_size: int, start_step: int) -> Any:
-        """Global uint8 train batches from `start_step` on, forever.
-
-        Returns:
-          An iterator of {"image": uint8 [B, H, W, 3], "label": int32 [B]} global arrays
-          sharded over the mesh; on the stream path it has `iterator` (grain's, whose
-          state goes into checkpoints) and `close()` (stops the workers).
-        """
-        config = self.config
-        if self.mode == "device":
-            return device.DeviceTrainBatches(
-                self.train,
-                self.mesh,
-                per_process_batch_size=per_process_batch_size,
-                seed=config.seed,
-                start_step=start_step,
-                crop_padding=config.crop_padding,
-                random_flip=config.random_flip,
-            )
-        from resnet_jax.data import stream
-
-        iterator = stream.train_batches(
-            self.train,
-            per_process_batch_size=per_process_batch_size,
-            seed=config.seed,
-            start_step=start_step,
-            image_size=config.image_size,
-            augment=config.augment,
-            crop_padding=config.crop_padding,
-            random_flip=config.random_flip,
-            num_workers=num_workers(config),
-        )
-        return _GlobalBatches(iterator, self.mesh)
-
-    def eval_batches(self, per_process_batch_size: int) -> tuple[int, Iterator[dict[str, Any]]]:
-        """(number of batches, this process's padded, masked uint8 eval batches)."""
-        count = num_eval_batches(
-            self.eval.num_examples, self.eval.process_count, per_process_batch_size
-        )
-        if self.mode == "device":
-            batches = device.eval_batches(
-                self.eval, per_process_batch_size=per_process_batch_size, num_batches=count
-            )
-        else:
-            from resnet_jax.data import stream
-
-            batches = stream.eval_batches(
-                self.eval,
-                per_process_batch_size=per_process_batch_size,
-                num_batches=count,
-                image_size=self.config.image_size,
-                resize_size=self.config.eval_resize_size,
-                num_workers=num_workers(self.config),
-            )
-        return count, batches
-
-
-class _GlobalBatches:
-    """A host iterator of process-local batches, yielding global arrays.
-
-    Attributes:
-      iterator: The host iterator (grain's, checkpointable: saved with each step).
-    """
-
-    def __init__(self, iterator: Any, mesh: jax.sharding.Mesh):
-        self.iterator = iterator
-        self._mesh = mesh
-
-    def __iter__(self) -> _GlobalBatches:
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        return sharding.global_batch(next(self.iterator), self._mesh)
-
-    def close(self) -> None:
-        """Stops the worker processes."""
-        self.iterator.close()
-
-
-def num_workers(config: Any) -> int:
-    """Worker processes of the streaming path: `config.input_workers`, -1 = one per core."""
-    workers = config.input_workers
-    if workers < 0:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return workers
-
-
 def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> Input:
     """Opens the run's splits on the path `config.input` chooses.
 
@@ -225,18 +100,17 @@ def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> I
     count = 0
     if config.input == "auto" and config.augment == "crop_flip":
         count = sources.count_examples(config, config.train_split)
-    mode = choose_mode(config, count, mesh)
-    if mode == "device":
+    if choose_mode(config, count, mesh) == "device":
         opened = [sources.load_split(config, config.eval_split)]
         if train:
             opened.insert(0, sources.load_split(config, config.train_split))
-    else:
-        from resnet_jax.data import stream
+        return device.DeviceInput(opened[0], opened[-1], config, mesh)
+    from resnet_jax.data import stream
 
-        if config.dataset != "image_folder":
-            # Prepared (downloaded, or from manual_dir) as array_record if it is not yet.
-            sources.prepared_builder(config, file_format="array_record")
-        opened = [stream.open_split(config, config.eval_split)]
-        if train:
-            opened.insert(0, stream.open_split(config, config.train_split))
-    return Input(mode, opened[0], opened[-1], config, mesh)
+    if config.dataset != "image_folder":
+        # Prepared (downloaded, or from manual_dir) as array_record if it is not yet.
+        tfds_source.prepared_builder(config, file_format="array_record")
+    opened = [stream.open_split(config, config.eval_split)]
+    if train:
+        opened.insert(0, stream.open_split(config, config.train_split))
+    return stream.StreamInput(opened[0], opened[-1], config, mesh)

@@ -29,16 +29,13 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from resnet_jax import sharding
-from resnet_jax.data.sources import (
-    DatasetError,
-    DatasetSplit,
-    check_eval_capacity,
-    steps_per_epoch,
-)
+from resnet_jax.data import interface, splits
+from resnet_jax.data.errors import DatasetError
+from resnet_jax.data.sources import DatasetSplit
 
-# Distinct stream tags keep the shuffle of epoch e and the augmentation of step s
+# Distinct tags keep the shuffle of epoch e and the augmentation of step s
 # (often equal numbers) from drawing the same random numbers.
-_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
 
 
 def split_bytes(num_examples: int, image_size: int, process_count: int = 1) -> int:
@@ -75,8 +72,8 @@ def _on_every_local_device(value: np.ndarray, mesh: Mesh) -> jax.Array:
     """A global array [num_devices, *value.shape]: row d is `value` of device d's process."""
     spec = jax.sharding.NamedSharding(mesh, PartitionSpec(sharding.DATA_AXIS))
     shape = (mesh.devices.size, *value.shape)
-    local = [jax.device_put(value[None], d) for d in mesh.devices.flat if d in mesh.local_devices]
-    return jax.make_array_from_single_device_arrays(shape, spec, local)
+    # Called once per local device, each of which holds one row: this process's value.
+    return jax.make_array_from_callback(shape, spec, lambda index: value[None])
 
 
 def draw_augmentation(
@@ -124,18 +121,15 @@ class DeviceTrainBatches:
         crop_padding: int = 4,
         random_flip: bool = True,
     ):
-        if seed < 0 or start_step < 0:
-            raise DatasetError(f"seed={seed} and start_step={start_step} must be non-negative.")
-        if crop_padding < 0:
-            raise DatasetError(f"crop_padding={crop_padding} must be >= 0.")
+        assert seed >= 0 and start_step >= 0 and crop_padding >= 0, (seed, start_step, crop_padding)
         process, local_rank, local_count = _local_positions(mesh)
         batch = per_process_batch_size
-        if batch % local_count:
-            raise DatasetError(
-                f"per-process batch size {batch} is not divisible by the {local_count} "
-                f"devices of each process."
-            )
-        self.steps_per_epoch = steps_per_epoch(split.num_examples, split.process_count, batch)
+        # sharding.per_process_batch_size gives each process a multiple of its devices.
+        assert batch % local_count == 0, (batch, local_count)
+        self.steps_per_epoch = splits.steps_per_epoch(
+            split.num_examples, split.process_count, batch
+        )
+        self.checkpointable = None  # The step alone determines the batches.
         self.step = start_step
         self._epoch = -1
         num_max = math.ceil(split.num_examples / split.process_count)
@@ -160,7 +154,7 @@ class DeviceTrainBatches:
 
         def order(sizes: jnp.ndarray, epoch: jnp.ndarray) -> jnp.ndarray:
             p, _ = position()
-            key = jax.random.fold_in(jax.random.fold_in(root, _SHUFFLE_STREAM), epoch)
+            key = jax.random.fold_in(jax.random.fold_in(root, _SHUFFLE_TAG), epoch)
             permutation = jax.random.permutation(jax.random.fold_in(key, p), num_max)
             # Padding rows (past this process's shard) move to the end, keeping the
             # order of the rest: a uniform permutation of the shard comes first.
@@ -173,7 +167,7 @@ class DeviceTrainBatches:
             rows = jax.lax.dynamic_slice(order[0], (start,), (per_device,))
             picked = images[0][rows]
             if crop_padding > 0 or random_flip:
-                key = jax.random.fold_in(jax.random.fold_in(root, _AUGMENT_STREAM), step)
+                key = jax.random.fold_in(jax.random.fold_in(root, _AUGMENT_TAG), step)
                 # Drawn for the whole per-process batch, then sliced: the same batch
                 # whatever the number of local devices.
                 offsets, flips = draw_augmentation(
@@ -216,6 +210,9 @@ class DeviceTrainBatches:
         self.step += 1
         return {"image": images, "label": labels}
 
+    def close(self) -> None:
+        """Nothing to stop: the split stays on the devices until the object goes."""
+
 
 def eval_batches(
     split: DatasetSplit, *, per_process_batch_size: int, num_batches: int
@@ -226,7 +223,7 @@ def eval_batches(
       split: This process's shard.
       per_process_batch_size: Examples per batch.
       num_batches: Batches to yield, the same in every process (see
-        `sources.num_eval_batches`); batches past the end of the shard are all padding.
+        `splits.num_eval_batches`); batches past the end of the shard are all padding.
 
     Returns:
       An iterator of `num_batches` dicts: "image" uint8 [B, H, W, 3] (zeros where
@@ -235,7 +232,7 @@ def eval_batches(
     Raises:
       DatasetError: num_batches is too small to cover the shard.
     """
-    check_eval_capacity(len(split.labels), per_process_batch_size, num_batches)
+    splits.check_eval_capacity(len(split.labels), per_process_batch_size, num_batches)
     return _eval_batches(split, per_process_batch_size, num_batches)
 
 
@@ -249,3 +246,27 @@ def _eval_batches(split: DatasetSplit, batch: int, num_batches: int) -> Iterator
         image[:count] = images
         label[:count] = split.labels[b * batch : (b + 1) * batch]
         yield {"image": image, "label": label, "mask": np.arange(batch) < count}
+
+
+class DeviceInput(interface.Input):
+    """The device-resident path: splits loaded into host memory, the training one placed on the devices."""
+
+    mode = "device"
+
+    def train_batches(self, per_process_batch_size: int, start_step: int) -> DeviceTrainBatches:
+        return DeviceTrainBatches(
+            self.train,
+            self.mesh,
+            per_process_batch_size=per_process_batch_size,
+            seed=self.config.seed,
+            start_step=start_step,
+            crop_padding=self.config.crop_padding,
+            random_flip=self.config.random_flip,
+        )
+
+    def eval_batches(self, per_process_batch_size: int) -> tuple[int, Iterator[dict[str, Any]]]:
+        count = self.num_eval_batches(per_process_batch_size)
+        batches = eval_batches(
+            self.eval, per_process_batch_size=per_process_batch_size, num_batches=count
+        )
+        return count, batches

@@ -13,6 +13,7 @@ download: scripts/export_idx.py writes them as an image folder.
 
 import dataclasses
 import gzip
+import math
 import pathlib
 
 import numpy as np
@@ -83,7 +84,8 @@ def read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
     if data[2] != _UNSIGNED_BYTE or len(data) < header:
         raise IdxError(f"{path}: not an unsigned-byte idx file with a complete header.")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    # math.prod: a damaged header's dimensions can overflow np.prod's int64.
+    expected = header + math.prod(shape)
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "longer than its header says"
         raise IdxError(

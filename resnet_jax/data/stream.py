@@ -43,9 +43,9 @@ import numpy as np
 from absl import flags
 from PIL import ExifTags, Image, ImageOps
 
-from resnet_jax.config_checks import AUGMENTATIONS
-from resnet_jax.data import sources
-from resnet_jax.data.sources import DatasetError
+from resnet_jax import sharding
+from resnet_jax.data import folders, interface, splits, tfds_source
+from resnet_jax.data.errors import DatasetError
 
 # In-process (num_workers=0): threads decode whole batches ahead; PIL releases the
 # GIL while decoding. grain's defaults (16 threads, 500 elements ahead) would hold
@@ -57,7 +57,7 @@ _WORKER_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _WORKER_BUFFER = 1
 
 # Tags that keep the shuffle and the augmentation seeds of one (seed, process) apart.
-_SHUFFLE_STREAM, _AUGMENT_STREAM = 0, 1
+_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
 
 # The Inception crop: area fraction and aspect ratio ranges, tries before the fallback.
 _CROP_AREA = (0.08, 1.0)
@@ -96,7 +96,7 @@ def _check_index(index: int, length: int) -> None:
 class _FolderRecords(Sequence):
     """Random access to this process's files of an image folder split."""
 
-    def __init__(self, listing: sources.FolderListing):
+    def __init__(self, listing: folders.FolderListing):
         self._listing = listing
 
     def __len__(self) -> int:
@@ -234,7 +234,7 @@ def open_split(
         split, or a tfds dataset that is not prepared as array_record (the message
         gives the command that prepares it). Nothing is ever downloaded here.
     """
-    process_index, process_count = sources.process_position(process_index, process_count)
+    process_index, process_count = splits.process_position(process_index, process_count)
     if config.dataset == "image_folder":
         records, num_examples, class_names = _open_image_folder(
             config, split, process_index, process_count
@@ -255,7 +255,7 @@ def _open_image_folder(
     config: Any, split: str, process_index: int, process_count: int
 ) -> tuple[_FolderRecords, int, tuple[str, ...]]:
     # The same listing, order and shards as the in-memory path (sources.load_split).
-    listing = sources.list_image_folder(config, split)
+    listing = folders.list_image_folder(config, split)
     shard = listing.shard(process_index, process_count)
     return _FolderRecords(shard), len(listing.labels), listing.class_names
 
@@ -282,11 +282,11 @@ def _open_tfds(
     if "tensorflow" in sys.modules:
         # Reading array_record needs no TensorFlow; if something imported it, keep it
         # off the accelerators.
-        sources.hide_accelerators_from_tensorflow()
+        tfds_source.hide_accelerators_from_tensorflow()
     name = config.dataset
     data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
     manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
-    builder = sources.tfds_builder(config)  # a known image classification dataset
+    builder = tfds_source.tfds_builder(config)  # a known image classification dataset
     command = _prepare_command(name, data_dir, manual_dir)
     manual_hint = (
         ""
@@ -315,9 +315,9 @@ def _open_tfds(
             f"data_dir and pass it as --config.data_dir). A small dataset (CIFAR) can "
             f"instead use --config.input=device."
         )
-    num_examples = sources.split_info(builder, config, split).num_examples
+    num_examples = tfds_source.split_info(builder, config, split).num_examples
     class_names = tuple(info.features["label"].names)
-    start, stop = sources._shard_bounds(num_examples, process_index, process_count)
+    start, stop = splits.shard_bounds(num_examples, process_index, process_count)
     records = _TfdsRecords(name, data_dir, split, start, stop, os.fspath(builder.data_dir))
     return records, num_examples, class_names
 
@@ -327,11 +327,11 @@ def _open_tfds(
 
 
 def _decode(record: _Record, image_size: int, resize_size: int) -> np.ndarray:
-    """`sources.read_image` on the record's file, or on its bytes (tfds)."""
+    """`folders.read_image` on the record's file, or on its bytes (tfds)."""
     if record.data is None:
-        return sources.read_image(record.source, image_size, resize_size)
+        return folders.read_image(record.source, image_size, resize_size)
     try:
-        return sources.read_image(io.BytesIO(record.data), image_size, resize_size)
+        return folders.read_image(io.BytesIO(record.data), image_size, resize_size)
     except DatasetError as e:
         raise _undecodable(record, e.__cause__ or e) from e
 
@@ -445,7 +445,7 @@ class _InceptionCropFlip(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class _EvalDecode(grain.transforms.Map):
-    """The evaluation geometry of `sources.read_image`; zeros and mask False for padding."""
+    """The evaluation geometry of `folders.read_image`; zeros and mask False for padding."""
 
     image_size: int
     resize_size: int
@@ -523,12 +523,12 @@ class TrainIterator(grain.DatasetIterator):
         *,
         start_step: int,
         num_workers: int,
-        identity: dict[str, int],
+        data_settings: dict[str, int],
     ):
         super().__init__()
         self._batches = batches
         self._num_workers = num_workers
-        self._identity = identity
+        self._data_settings = data_settings
         self._step = start_step
         self._iterator: grain.DatasetIterator | None = None
 
@@ -545,7 +545,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, int]:
         """{"next_step": the step of the next batch, and what the batches depend on}."""
-        return {"next_step": self._step, **self._identity}
+        return {"next_step": self._step, **self._data_settings}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues with the batch of step `state["next_step"]`.
@@ -560,7 +560,9 @@ class TrainIterator(grain.DatasetIterator):
                 f"it was saved by another input path; start from the checkpoint's step "
                 f"instead (start_step)."
             )
-        changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        changed = {
+            k: (state.get(k), v) for k, v in self._data_settings.items() if state.get(k) != v
+        }
         if changed:
             details = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
             raise DatasetError(
@@ -623,23 +625,14 @@ def train_batches(
       Arguments are checked here, not at the first batch.
 
     Raises:
-      DatasetError: A bad argument, or a batch larger than a process's shard.
+      DatasetError: A batch larger than a process's shard.
     """
-    if seed < 0 or start_step < 0:
-        raise DatasetError(f"seed={seed} and start_step={start_step} must be non-negative.")
-    if image_size <= 0:
-        raise DatasetError(f"image_size={image_size} must be positive, e.g. 32 or 224.")
-    if augment not in AUGMENTATIONS:
-        raise DatasetError(
-            f"augment={augment!r} is not one of {AUGMENTATIONS}: crop_flip for CIFAR-like "
-            f"data, random_resized_crop for ImageNet-like data."
-        )
-    if crop_padding < 0:
-        raise DatasetError(f"crop_padding={crop_padding} must be >= 0.")
-    if num_workers < 0:
-        raise DatasetError(f"num_workers={num_workers} must be >= 0 (0: no worker processes).")
+    # The config's values, checked by config_checks.validate where they entered.
+    assert seed >= 0 and start_step >= 0 and image_size > 0, (seed, start_step, image_size)
+    assert augment in ("crop_flip", "random_resized_crop"), augment
+    assert crop_padding >= 0 and num_workers >= 0, (crop_padding, num_workers)
     batch = per_process_batch_size
-    steps = sources.steps_per_epoch(split.num_examples, split.process_count, batch)
+    steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
     if augment == "crop_flip":
         transform = _CropFlip(image_size, crop_padding, random_flip)
     else:
@@ -649,19 +642,21 @@ def train_batches(
     # keeps each epoch's first steps * B examples.
     examples = (
         grain.MapDataset.source(split.records)
-        .shuffle(seed=_seed(seed, _SHUFFLE_STREAM, split.process_index))
+        .shuffle(seed=_seed(seed, _SHUFFLE_TAG, split.process_index))
         .slice(slice(0, steps * batch))
         .repeat()
-        .random_map(transform, seed=_seed(seed, _AUGMENT_STREAM, split.process_index))
+        .random_map(transform, seed=_seed(seed, _AUGMENT_TAG, split.process_index))
     )
     batches = examples.batch(batch, drop_remainder=True)
-    identity = {
+    data_settings = {
         "seed": seed,
         "per_process_batch_size": batch,
         "process_index": split.process_index,
         "process_count": split.process_count,
     }
-    return TrainIterator(batches, start_step=start_step, num_workers=num_workers, identity=identity)
+    return TrainIterator(
+        batches, start_step=start_step, num_workers=num_workers, data_settings=data_settings
+    )
 
 
 def eval_batches(
@@ -678,9 +673,9 @@ def eval_batches(
     Args:
       split: The opened evaluation split.
       per_process_batch_size: Examples per batch.
-      num_batches: Batches to yield, the same in every process (`sources.num_eval_batches`).
+      num_batches: Batches to yield, the same in every process (`splits.num_eval_batches`).
       image_size: Side of the square images.
-      resize_size: As `sources.read_image`: 0 resizes the whole image; N resizes the
+      resize_size: As `folders.read_image`: 0 resizes the whole image; N resizes the
         shorter side to N and takes the central image_size crop (ImageNet: 256, 224).
       num_workers: 0 decodes in this process; N > 0 in N grain worker processes.
 
@@ -689,18 +684,12 @@ def eval_batches(
       (zeros where padded), "label" int32 [B] (0 where padded), "mask" bool [B].
 
     Raises:
-      DatasetError: num_batches too small for the shard, or another bad argument.
+      DatasetError: num_batches too small for the shard.
     """
     batch = per_process_batch_size
-    sources.check_eval_capacity(len(split.records), batch, num_batches)
-    if image_size <= 0:
-        raise DatasetError(f"image_size={image_size} must be positive, e.g. 32 or 224.")
-    if 0 < resize_size < image_size or resize_size < 0:
-        raise DatasetError(
-            f"eval_resize_size={resize_size} must be 0 or at least image_size={image_size}."
-        )
-    if num_workers < 0:
-        raise DatasetError(f"num_workers={num_workers} must be >= 0 (0: no worker processes).")
+    splits.check_eval_capacity(len(split.records), batch, num_batches)
+    assert image_size > 0 and num_workers >= 0, (image_size, num_workers)
+    assert resize_size == 0 or resize_size >= image_size, (resize_size, image_size)
     padded = _PaddedRecords(split.records, num_batches * batch)
     batches = (
         grain.MapDataset.source(padded)
@@ -708,3 +697,66 @@ def eval_batches(
         .batch(batch, drop_remainder=True)
     )
     return _iterate(batches, num_workers)
+
+
+def num_workers(config: Any) -> int:
+    """Worker processes of the streaming path: `config.input_workers`, -1 = one per core."""
+    workers = config.input_workers
+    if workers < 0:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return workers
+
+
+class StreamTrainBatches:
+    """Global train batches from grain's host iterator of process-local ones.
+
+    Attributes:
+      checkpointable: The host iterator (its state, the next step, is saved with each step).
+    """
+
+    def __init__(self, iterator: TrainIterator, mesh: Any):
+        self.checkpointable = iterator
+        self._mesh = mesh
+
+    def __iter__(self) -> StreamTrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return sharding.global_batch(next(self.checkpointable), self._mesh)
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        self.checkpointable.close()
+
+
+class StreamInput(interface.Input):
+    """The streaming path: splits opened for random access, decoded by grain workers."""
+
+    mode = "stream"
+
+    def train_batches(self, per_process_batch_size: int, start_step: int) -> StreamTrainBatches:
+        config = self.config
+        iterator = train_batches(
+            self.train,
+            per_process_batch_size=per_process_batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            image_size=config.image_size,
+            augment=config.augment,
+            crop_padding=config.crop_padding,
+            random_flip=config.random_flip,
+            num_workers=num_workers(config),
+        )
+        return StreamTrainBatches(iterator, self.mesh)
+
+    def eval_batches(self, per_process_batch_size: int) -> tuple[int, Iterator[dict[str, Any]]]:
+        count = self.num_eval_batches(per_process_batch_size)
+        batches = eval_batches(
+            self.eval,
+            per_process_batch_size=per_process_batch_size,
+            num_batches=count,
+            image_size=self.config.image_size,
+            resize_size=self.config.eval_resize_size,
+            num_workers=num_workers(self.config),
+        )
+        return count, batches

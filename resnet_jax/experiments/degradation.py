@@ -44,9 +44,11 @@ FINAL_FRACTION = 0.1
 def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     config_flags.DEFINE_config_file(
-        "config", str(_CHECKOUT / "configs" / "paper_cifar10.py"),
-        "Config of every run (model.name is set per run).", lock_config=True,
-    )  # fmt: skip
+        "config",
+        str(_CHECKOUT / "configs" / "paper_cifar10.py"),
+        "Config of every run (model.name is set per run).",
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", None, "Folder of the experiment: one subfolder per run.")
     flags.DEFINE_list("depths", ["20", "56"], "Depths, each 6n + 2 (20, 32, 44, 56, 110).")
     flags.DEFINE_string("out", None, "Where the figure and table go (default: --workdir).")
@@ -170,10 +172,14 @@ def plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
         for run in (r for r in runs if r["kind"] == kind):
             color = colors[run["depth"]]
             train, test = run["train_curve"], run["test_curve"]
-            ax.plot(train["step"], 100 * np.array(train["error"]), color=color, lw=0.8,
-                    alpha=0.8)  # fmt: skip
-            ax.plot(test["step"], 100 * np.array(test["error"]), color=color, lw=2.4,
-                    label=f"{kind}-{run['depth']}")  # fmt: skip
+            ax.plot(train["step"], 100 * np.array(train["error"]), color=color, lw=0.8, alpha=0.8)
+            ax.plot(
+                test["step"],
+                100 * np.array(test["error"]),
+                color=color,
+                lw=2.4,
+                label=f"{kind}-{run['depth']}",
+            )
         ax.set_title("plain networks" if kind == "plain" else "ResNets")
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
@@ -220,9 +226,9 @@ def run_experiment(
 
 
 def _run() -> None:
-    from resnet_jax import train
+    from resnet_jax import checkpointing
 
-    root = train.absolute_workdir(FLAGS.workdir)
+    root = checkpointing.absolute_workdir(FLAGS.workdir)
     out = pathlib.Path(FLAGS.out) if FLAGS.out else pathlib.Path(root)
     runs = run_experiment(FLAGS.config, pathlib.Path(root), parse_depths(FLAGS.depths), out)
     print(table(runs), end="")

@@ -140,6 +140,12 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
             f"model.compression={compression} must be in (0, 1] (the fraction of channels a "
             "DenseNet transition keeps; 0.5 is DenseNet-BC, 1 is no compression)."
         )
+    memory_efficient = model_config.get("memory_efficient", False)
+    if not isinstance(memory_efficient, bool):
+        raise ValueError(
+            f"model.memory_efficient={memory_efficient!r} must be True or False (True: a "
+            "DenseNet recomputes each layer's concatenation and bottleneck in the backward pass)."
+        )
     if constructor.func is DenseNet and model_config.zero_init_residual:
         raise ValueError(
             f"model.zero_init_residual=True: {model_config.name} has no residual branch to "
@@ -153,11 +159,12 @@ def create_model(
     """Builds the network that `model_config` describes.
 
     Args:
-      model_config: the `model` section of a config (see configs/default.py).
+      model_config: the `model` section of a config (see resnet_jax/defaults.py).
       num_classes: outputs of the final layer (used when model_config.num_classes is unset).
       half_precision: compute in bfloat16 (parameters and BN statistics stay float32).
     """
-    validate_model_config(model_config)
+    # Checked where the config entered (config_checks.validate, or by the command that
+    # read it from a checkpoint); a bad name still fails here with the list of choices.
     constructor = model_constructor(model_config.name)
     dtype = jnp.bfloat16 if half_precision else jnp.float32
     if constructor.func is DenseNet:
@@ -169,6 +176,7 @@ def create_model(
             bn_momentum=model_config.bn_momentum,
             bn_epsilon=model_config.bn_epsilon,
             dtype=dtype,
+            memory_efficient=model_config.get("memory_efficient", False),
         )
     kwargs: dict[str, Any] = {}
     if constructor.keywords.get("stem") is None:

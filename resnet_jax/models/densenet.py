@@ -12,6 +12,7 @@ Layer names: `conv1`, `block1_layer0/{bn1,conv1,bn2,conv2}`, `transition1/{bn,co
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,19 +22,43 @@ from resnet_jax.models.resnet import _batch_norm, conv
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1x1 (4k) then BN-ReLU-Conv3x3 (k): the k new feature maps of one layer."""
+    """BN-ReLU-Conv1x1 (4k) then BN-ReLU-Conv3x3 (k): the k new feature maps of one layer.
+
+    Takes the block's feature maps so far as a list and concatenates them itself, so that
+    with `memory_efficient` the concatenation is inside the recomputed part.
+
+    Attributes:
+      memory_efficient: recompute the concatenation, bn1 and its ReLU in the backward pass
+        instead of keeping them (Pleiss et al. 2017): what a layer keeps no longer grows
+        with its input width, for one more concatenation and BN per layer. The variables,
+        their names, the outputs and the gradients are the same either way. XLA:CPU keeps
+        the recomputation only with `xla_disable_hlo_passes=cse_barrier_expander` (its
+        pipeline drops jax.checkpoint's barriers before CSE, which merges it back into the
+        forward pass; scripts/compare_models.py --cpu_remat measures both).
+    """
 
     growth_rate: int
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    memory_efficient: bool = False
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = dict(train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                    dtype=self.dtype)  # fmt: skip
-        y = nn.relu(_batch_norm(name="bn1", **norm)(x))
-        y = conv(4 * self.growth_rate, 1, 1, self.dtype, "conv1")(y)
+    def __call__(self, features: Sequence[jnp.ndarray], train: bool) -> jnp.ndarray:
+        norm = dict(
+            train=train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype
+        )
+
+        def bottleneck(module: nn.Module, features: Sequence[jnp.ndarray]) -> jnp.ndarray:
+            # nn.remat of a function of this module, not of a submodule class: bn1 and conv1
+            # stay directly under the layer, so checkpoints fit either setting.
+            del module
+            y = nn.relu(_batch_norm(name="bn1", **norm)(jnp.concatenate(features, axis=-1)))
+            return conv(4 * self.growth_rate, 1, 1, self.dtype, "conv1")(y)
+
+        if self.memory_efficient:
+            bottleneck = nn.remat(bottleneck)
+        y = bottleneck(self, list(features))
         y = nn.relu(_batch_norm(name="bn2", **norm)(y))
         return conv(self.growth_rate, 3, 1, self.dtype, "conv2")(y)
 
@@ -66,6 +91,8 @@ class DenseNet(nn.Module):
         multiple of k or, after a transition, a fraction of one, so this scales them all.
       bn_momentum, bn_epsilon: BatchNorm settings (flax momentum convention).
       dtype: compute dtype; parameters and BN statistics are always float32.
+      memory_efficient: recompute each dense layer's concatenation and bottleneck in the
+        backward pass (see DenseLayer); the same variables, outputs and gradients.
     """
 
     layers_per_block: int
@@ -76,6 +103,7 @@ class DenseNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    memory_efficient: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -85,18 +113,22 @@ class DenseNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv(2 * k, 3, 1, self.dtype, "conv1")(x)
         for block in range(3):
+            features = [x]
             for index in range(self.layers_per_block):
-                new = DenseLayer(
-                    growth_rate=k,
-                    bn_momentum=self.bn_momentum,
-                    bn_epsilon=self.bn_epsilon,
-                    dtype=self.dtype,
-                    name=f"block{block + 1}_layer{index}",
-                )(x, train)
-                # Each concatenation is a new buffer that autodiff keeps for the backward
-                # pass: activation memory grows as n^2 per block, the price of DenseNet's
-                # few parameters (see scripts/compare_models.py).
-                x = jnp.concatenate([x, new], axis=-1)
+                # Each layer's concatenation is a new buffer: without memory_efficient,
+                # autodiff keeps every one for the backward pass and activation memory
+                # grows as n^2 per block (see scripts/compare_models.py).
+                features.append(
+                    DenseLayer(
+                        growth_rate=k,
+                        bn_momentum=self.bn_momentum,
+                        bn_epsilon=self.bn_epsilon,
+                        dtype=self.dtype,
+                        memory_efficient=self.memory_efficient,
+                        name=f"block{block + 1}_layer{index}",
+                    )(features, train)
+                )
+            x = jnp.concatenate(features, axis=-1)
             if block < 2:
                 # The epsilon keeps floor() from losing a channel to rounding
                 # (0.29 * 100 = 28.999999999999996).

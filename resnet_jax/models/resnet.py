@@ -42,9 +42,16 @@ def conv(features: int, size: int, strides: int, dtype: Any, name: str) -> nn.Co
     # on the bottom/right only, and imported weights would see shifted inputs.
     padding = ((size // 2, size // 2),) * 2
     return nn.Conv(
-        features, (size, size), strides, padding=padding, use_bias=False,
-        kernel_init=conv_init, dtype=dtype, param_dtype=jnp.float32, name=name,
-    )  # fmt: skip
+        features,
+        (size, size),
+        strides,
+        padding=padding,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 class _Block(nn.Module):
@@ -68,9 +75,13 @@ class _Block(nn.Module):
         # Zero-init only where a shortcut carries the signal past the branch.
         zero = last and self.zero_init_residual and not self.plain
         return _batch_norm(
-            train, self.bn_momentum, self.bn_epsilon, self.dtype, name=name,
+            train,
+            self.bn_momentum,
+            self.bn_epsilon,
+            self.dtype,
+            name=name,
             scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
-        )  # fmt: skip
+        )
 
     def merge(self, branch: jnp.ndarray, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """relu(branch + shortcut(x)), or relu(branch) in a plain net."""

@@ -1,0 +1,95 @@
+"""How a split divides among processes and into batches; the same in every process.
+
+Process i of P holds examples [i*n//P, (i+1)*n//P) of a split, in the split's fixed
+order. Not `tfds.split_for_jax_process`: it cuts the split with tfds's even_splits,
+which gives the extra examples to the first shards, and image folders (which tfds
+does not read here) must be cut the same way as tfds datasets, on both input paths.
+"""
+
+import math
+
+import jax
+
+from resnet_jax.data.errors import DatasetError
+
+
+def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Process `process_index`'s examples [start, stop) of a split of `num_examples`."""
+    return (
+        process_index * num_examples // process_count,
+        (process_index + 1) * num_examples // process_count,
+    )
+
+
+def process_position(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process_index, process_count), each defaulting to jax's; DatasetError if out of range."""
+    if process_index is None:
+        process_index = jax.process_index()
+    if process_count is None:
+        process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise DatasetError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+    return process_index, process_count
+
+
+def check_eval_capacity(num_local: int, per_process_batch_size: int, num_batches: int) -> None:
+    """Raises DatasetError unless `num_batches` batches hold this process's `num_local` examples."""
+    batch = per_process_batch_size
+    if batch <= 0:
+        raise DatasetError(f"per-process batch size {batch} must be positive.")
+    if num_batches * batch < num_local:
+        raise DatasetError(
+            f"{num_batches} eval batches of {batch} cannot hold the {num_local} examples of "
+            f"this process: compute num_batches with num_eval_batches()."
+        )
+
+
+def steps_per_epoch(num_examples: int, process_count: int, per_process_batch_size: int) -> int:
+    """Returns the number of train steps in one epoch, the same for every process.
+
+    Shards differ in size by at most one example; each process uses the first
+    num_examples // process_count examples of its epoch permutation, and drops
+    what does not fill a whole batch.
+
+    Args:
+      num_examples: Examples in the whole split.
+      process_count: Number of processes.
+      per_process_batch_size: Batch size of one process.
+
+    Returns:
+      (num_examples // process_count) // per_process_batch_size.
+
+    Raises:
+      DatasetError: The batch is larger than a process's shard.
+    """
+    if per_process_batch_size <= 0:
+        raise DatasetError(f"per-process batch size {per_process_batch_size} must be positive.")
+    per_process = num_examples // process_count
+    steps = per_process // per_process_batch_size
+    if steps == 0:
+        raise DatasetError(
+            f"The per-process batch size {per_process_batch_size} is larger than the "
+            f"{per_process} training examples each of the {process_count} processes holds "
+            f"({num_examples} in all), so an epoch has no step: use a smaller "
+            f"--config.batch_size (at most {per_process * process_count} in all)."
+        )
+    return steps
+
+
+def num_eval_batches(num_examples: int, process_count: int, per_process_batch_size: int) -> int:
+    """Returns the number of eval batches, the same for every process.
+
+    Args:
+      num_examples: Examples in the whole split.
+      process_count: Number of processes.
+      per_process_batch_size: Batch size of one process.
+
+    Returns:
+      ceil(ceil(num_examples / process_count) / per_process_batch_size): enough
+      for the largest shard.
+    """
+    if per_process_batch_size <= 0:
+        raise DatasetError(f"per-process batch size {per_process_batch_size} must be positive.")
+    return math.ceil(math.ceil(num_examples / process_count) / per_process_batch_size)

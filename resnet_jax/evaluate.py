@@ -1,0 +1,167 @@
+"""Evaluation: every test example once, from a training state or a checkpoint.
+
+`eval_loop` folds a compiled function over the padded, masked evaluation batches; the
+evaluation metrics, the report's confusion matrix and the layer statistics of the
+experiments are such folds. `checkpoint_state` reads a checkpoint's model (no optimizer)
+onto whatever devices this machine has, and `evaluate_checkpoint` is `--mode=eval`.
+"""
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from resnet_jax import checkpointing, config_checks, data, sharding, steps
+from resnet_jax.models import create_model
+
+# --mode=eval writes WORKDIR/evaluations/step_<N>.json: one file per evaluated step.
+EVALUATIONS_DIR = "evaluations"
+
+
+def eval_loop(
+    step_fn: Callable,
+    carry: Any,
+    state: steps.TrainState,
+    inputs: data.Input,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Folds `carry = step_fn(state, carry, batch)` over every padded, masked eval batch.
+
+    Every example of the evaluation split is in exactly one batch, with mask True;
+    `on_batch(done, total)` (if given) is called after each batch, for progress.
+    """
+    local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    num_batches, batches = inputs.eval_batches(local_batch)
+    for index, batch in enumerate(batches):
+        carry = step_fn(state, carry, sharding.global_batch(batch, mesh))
+        if on_batch is not None:
+            on_batch(index + 1, num_batches)
+    return carry
+
+
+def evaluate(
+    eval_step_fn: Callable,
+    state: steps.TrainState,
+    inputs: data.Input,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float | int]:
+    """Top-1, top-5 and loss over every evaluation example, each counted exactly once."""
+    empty = steps.empty_metrics(steps.EvalMetrics, mesh)
+    totals = eval_loop(eval_step_fn, empty, state, inputs, config, mesh)
+    return steps.read_eval_metrics(totals)
+
+
+def write_json(path: epath.Path, payload: dict[str, Any]) -> None:
+    """Writes `payload` from process 0 only (every process holds the same values)."""
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def rounded(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def open_checkpoint(workdir: epath.Path, which: str) -> tuple[Any, int]:
+    """A read-only manager of `workdir`'s checkpoints, and the step `which` names.
+
+    Raises:
+      CheckpointError: there are no checkpoints, or none that `which` names.
+    """
+    if not (workdir / checkpointing.CHECKPOINT_DIR).exists():
+        raise checkpointing.CheckpointError(
+            f"No checkpoint in {workdir}: {workdir / checkpointing.CHECKPOINT_DIR} does not "
+            "exist. Train first (--mode=train with this --workdir), import weights "
+            "(python -m resnet_jax.import_torch), or point --workdir at the directory of a "
+            "trained run."
+        )
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    return manager, checkpointing.select_step(manager, which)
+
+
+def restore_model(
+    manager: Any,
+    step: int,
+    model: nn.Module,
+    image_size: int,
+    placement: jax.sharding.Sharding,
+) -> dict[str, Any]:
+    """Reads the params and BN statistics of `step` for `model`, placed on `placement`.
+
+    Raises:
+      CheckpointError: the step does not fit the model.
+      UnusableStepError: the step is corrupt (the message lists the other steps).
+    """
+    template = steps.variables_template(model, image_size, placement)
+    try:
+        variables, _, _ = checkpointing.restore(manager, step, template)
+    except checkpointing.CorruptCheckpointError as e:
+        raise checkpointing.UnusableStepError(
+            step, manager.directory, f"is corrupt: {e}", manager.all_steps()
+        ) from e
+    return variables
+
+
+def checkpoint_state(
+    config: ml_collections.ConfigDict, workdir: epath.Path, which: str
+) -> tuple[steps.TrainState, jax.sharding.Mesh, data.Input]:
+    """The model of checkpoint `which` of `workdir` (no optimizer), with its mesh and eval input.
+
+    Only the model (params and BN statistics) is read, replicated over this machine's
+    devices, whatever the device count of the run that saved it. `state.step` is the
+    checkpoint's step.
+    """
+    manager, step = open_checkpoint(workdir, which)
+    mesh = sharding.make_mesh()
+    sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    inputs = data.open_input(config, mesh, train=False)
+    num_classes = config_checks.resolve_num_classes(config, inputs.eval.num_classes)
+    model = create_model(config.model, num_classes, config.half_precision)
+    variables = restore_model(manager, step, model, config.image_size, sharding.replicated(mesh))
+    state = steps.TrainState(
+        step=step,
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=None,
+        opt_state=None,
+    )
+    return state, mesh, inputs
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the checkpoint `config.eval_checkpoint` of `workdir` on the test split.
+
+    Only the model (params and BN statistics) is read, onto this machine's devices,
+    whatever the device count of the run that saved it.
+
+    Returns:
+      top1, top5, loss, num_examples, step, checkpoint, model, dataset; also written to
+      `workdir/evaluations/step_<step>.json`, one file per evaluated step, so that it
+      never replaces the training run's own `eval_results.json`.
+    """
+    workdir = checkpointing.absolute_workdir(workdir)
+    state, mesh, inputs = checkpoint_state(config, workdir, config.eval_checkpoint)
+    step = int(state.step)
+    results = evaluate(steps.compile_eval_step(mesh, config), state, inputs, config, mesh)
+    results.update(
+        step=step,
+        checkpoint=str(config.eval_checkpoint),
+        model=config.model.name,
+        dataset=config.dataset,
+    )
+    path = workdir / EVALUATIONS_DIR / f"step_{step}.json"
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, results)
+    logging.info(
+        "Evaluation of checkpoint step %d: %s (written to %s)", step, rounded(results), path
+    )
+    return results

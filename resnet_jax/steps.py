@@ -1,0 +1,325 @@
+"""What one step computes: the train state, metrics, loss, schedule, optimizer, compiled steps.
+
+`train_step` and `eval_step` are module-level pure functions; `compile_train_step` and
+`compile_batch_fn` bind the config into them with `functools.partial` and compile them with
+`jax.jit` over a mesh of every device (batch sharded, state replicated, carry donated).
+
+Every step carries its metrics: it merges its own into a running clu collection and
+returns it. With several processes an eager operation on arrays that span them is a
+collective program of its own, which processes may launch in different orders and
+deadlock; merging inside the compiled step keeps every such operation in it.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics
+from flax.training import train_state
+
+from resnet_jax import compile_options, data, sharding
+
+# FirstNonFinite's value while every loss was finite.
+NO_STEP = np.iinfo(np.int32).max
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus the BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+@flax.struct.dataclass
+class FirstNonFinite(metrics.Metric):
+    """The first step whose loss was NaN or infinite (`NO_STEP` if none), kept on device."""
+
+    step: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, *, loss: jnp.ndarray, step: jnp.ndarray, **_) -> "FirstNonFinite":
+        return cls(step=jnp.where(jnp.isfinite(loss), NO_STEP, step).astype(jnp.int32))
+
+    def merge(self, other: "FirstNonFinite") -> "FirstNonFinite":
+        return type(self)(step=jnp.minimum(self.step, other.step))
+
+    def compute(self) -> jnp.ndarray:
+        return self.step
+
+    @classmethod
+    def empty(cls) -> "FirstNonFinite":
+        return cls(step=jnp.array(NO_STEP, jnp.int32))
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+    learning_rate: metrics.LastValue.from_output("learning_rate")
+    first_nonfinite_step: FirstNonFinite
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    """Averages over the unmasked examples; `loss.count` is how many there were."""
+
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+
+
+def accuracies(logits: jnp.ndarray, labels: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-example top-1 and top-5 hits (top-k with k = number of classes if fewer than 5)."""
+    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    _, top_k = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    top5 = (top_k == labels[:, None]).any(-1).astype(jnp.float32)
+    return top1, top5
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+    state: TrainState,
+    metrics: TrainMetrics,
+    batch: dict[str, jnp.ndarray],
+    *,
+    learning_rate_fn: optax.Schedule,
+    label_smoothing: float,
+) -> tuple[TrainState, TrainMetrics]:
+    """One SGD step on a global batch; BatchNorm statistics are those of the whole batch.
+
+    Returns the new state and `metrics` merged with this step's.
+    """
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    top1, top5 = accuracies(logits, batch["label"])
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=loss,
+        top1=top1,
+        top5=top5,
+        learning_rate=learning_rate_fn(state.step),
+        step=state.step + 1,
+    )
+    return new_state, metrics.merge(step_metrics)
+
+
+def eval_step(
+    state: TrainState, metrics: EvalMetrics, batch: dict[str, jnp.ndarray]
+) -> EvalMetrics:
+    """`metrics` merged with those of one padded batch; examples with mask False count nowhere."""
+    logits = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    top1, top5 = accuracies(logits, batch["label"])
+    batch_metrics = EvalMetrics.single_from_model_output(
+        loss=cross_entropy(logits, batch["label"]),
+        top1=top1,
+        top5=top5,
+        mask=batch["mask"],
+    )
+    return metrics.merge(batch_metrics)
+
+
+@functools.cache
+def _empty_metrics_fn(cls: type[metrics.Collection], mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(cls.empty, out_shardings=sharding.replicated(mesh))
+
+
+def empty_metrics(cls: type[metrics.Collection], mesh: jax.sharding.Mesh) -> Any:
+    """An empty `cls` collection replicated over `mesh`, made by a compiled program."""
+    return _empty_metrics_fn(cls, mesh)()
+
+
+def read_metrics(collection: metrics.Collection) -> dict[str, float | int]:
+    """Computes a replicated collection on this host: a local copy, no cross-process work."""
+    return {k: np.asarray(v).item() for k, v in jax.device_get(collection).compute().items()}
+
+
+def read_eval_metrics(collection: EvalMetrics) -> dict[str, float | int]:
+    """top1, top5, loss and num_examples of an evaluation's merged collection."""
+    values = read_metrics(collection)
+    values["num_examples"] = int(jax.device_get(collection.loss.count))
+    return values
+
+
+def schedule_settings(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> dict[str, Any]:
+    """Everything that decides the learning rate at each step, in steps.
+
+    A checkpoint records it, so that a resume can tell whether the schedule changed.
+    """
+    settings = {
+        "lr_schedule": config.lr_schedule,
+        "learning_rate": config.learning_rate,
+        "warmup_steps": int(round(config.warmup_epochs * steps_per_epoch)),
+    }
+    if config.lr_schedule == "cosine":
+        settings["num_train_steps"] = num_train_steps
+    elif config.lr_schedule in ("multistep", "piecewise"):
+        if config.lr_schedule == "multistep":
+            boundaries = [int(s) for s in config.lr_decay_steps]
+        else:
+            boundaries = [int(round(e * steps_per_epoch)) for e in config.lr_decay_epochs]
+        settings.update(decay_steps=boundaries, decay_factor=config.lr_decay_factor)
+    return settings
+
+
+def create_learning_rate_fn(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> optax.Schedule:
+    """Linear warmup from 0 over `warmup_epochs`, then the configured schedule.
+
+    Boundaries of "multistep" (steps) and "piecewise" (epochs) are absolute: they count
+    from the start of training, warmup included. One that falls inside the warmup scales
+    the rest of the warmup ramp too (the rate at step t is ramp(t) x decay(t)).
+    """
+    settings = schedule_settings(config, steps_per_epoch, num_train_steps)
+    base, warmup = config.learning_rate, settings["warmup_steps"]
+    if config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(base, max(1, num_train_steps - warmup))
+    elif config.lr_schedule == "constant":
+        main = optax.constant_schedule(base)
+    else:
+        decay = optax.piecewise_constant_schedule(
+            base, {b: settings["decay_factor"] for b in settings["decay_steps"]}
+        )
+        if not warmup:
+            return decay
+        return lambda step: decay(step) * jnp.minimum(1.0, step / warmup)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay added to the gradient (as PyTorch's SGD does).
+
+    Unless `weight_decay_all`, BatchNorm scales/biases and biases (every 1-D parameter)
+    are not decayed.
+    """
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: config.weight_decay_all or p.ndim > 1, params)
+
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+
+
+def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> dict[str, Any]:
+    """The model's params and batch_stats for image_size x image_size RGB inputs."""
+    image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return model.init(rng, image, train=False)
+
+
+def variables_template(
+    model: nn.Module, image_size: int, placement: jax.sharding.Sharding | None = None
+) -> dict[str, Any]:
+    """Shapes and dtypes of the model's variables (nothing computed), placed on `placement`."""
+    template = jax.eval_shape(
+        functools.partial(init_variables, model, image_size), jax.random.key(0)
+    )
+    if placement is None:
+        return template
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), template
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Initialises parameters from `config.seed`, replicated over the mesh."""
+
+    def init(rng):
+        variables = init_variables(model, config.image_size, rng)
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            tx=tx,
+        )
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
+
+
+def with_normalized_images(step_fn: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`step_fn(state, carry, batch)` fed uint8 images, normalised inside the compiled step."""
+    mean, std = data.normalization(config)
+
+    def step(state: Any, carry: Any, batch: dict[str, jnp.ndarray]) -> Any:
+        return step_fn(state, carry, {**batch, "image": data.normalize(batch["image"], mean, std)})
+
+    return step
+
+
+def compile_batch_fn(
+    step_fn: Callable, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
+) -> Callable:
+    """`carry = step_fn(state, carry, batch)` jitted over `mesh`, for folding over eval batches.
+
+    The batch (uint8 images, normalised inside) is sharded, the state and the carry are
+    replicated, and the carry is donated. Evaluation, the report's confusion matrix and the
+    layer statistics all fold such a function over `evaluate.eval_loop`'s batches.
+    """
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        with_normalized_images(step_fn, config),
+        in_shardings=(replicated, replicated, sharding.batch_sharding(mesh)),
+        out_shardings=replicated,
+        donate_argnums=1,
+        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
+    )
+
+
+def compile_eval_step(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> Callable:
+    """The jitted eval step for `mesh` (batch sharded, state and metrics replicated)."""
+    return compile_batch_fn(eval_step, mesh, config)
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule, mesh: jax.sharding.Mesh
+) -> Callable:
+    """The jitted train step for `mesh`: (state, metrics, batch) -> (state, metrics), both donated."""
+    replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    step = functools.partial(
+        train_step, learning_rate_fn=learning_rate_fn, label_smoothing=config.label_smoothing
+    )
+    return jax.jit(
+        with_normalized_images(step, config),
+        in_shardings=(replicated, replicated, batch),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0, 1),
+        compiler_options=compile_options.cpu_options(config.cpu_convolutions),
+    )

@@ -1,0 +1,117 @@
+"""Final test accuracy of finished runs, grouped by budget: the mean and spread over seeds.
+
+    python scripts/summarize_runs.py runs/fmnist_resnet20_* --json_out docs/fashion_mnist/runs.json
+
+Each argument is a training workdir (its config.json and eval_results.json, which
+training writes at the end). Runs with the same model, dataset, training split and
+number of steps form a group; the table shows each run (seed, epochs, top-1 of the final
+checkpoint on the whole test split, wall time from its TensorBoard logs) and each
+group's mean and sample standard deviation. The last line printed is the JSON.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+
+def wall_hours(workdir: pathlib.Path) -> float | None:
+    """Hours from the first to the last TensorBoard event of the run (None without logs)."""
+    from tensorboard.backend.event_processing import event_file_loader
+
+    times = []
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in event_file_loader.EventFileLoader(str(path)).Load():
+            times.append(event.wall_time)
+    return (max(times) - min(times)) / 3600 if len(times) > 1 else None
+
+
+def read_run(workdir: pathlib.Path) -> dict:
+    """One finished run's settings and final evaluation."""
+    config = json.loads((workdir / "config.json").read_text())
+    results = json.loads((workdir / "eval_results.json").read_text())
+    return {
+        "workdir": str(workdir),
+        "model": config["model"]["name"],
+        "dataset": config["dataset"],
+        "train_split": config.get("train_split", "train"),
+        "seed": config["seed"],
+        "num_epochs": config["num_epochs"] if config["num_train_steps"] <= 0 else None,
+        "steps": results["step"],
+        "top1": results["top1"],
+        "num_examples": results["num_examples"],
+        "wall_hours": wall_hours(workdir),
+    }
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Groups of runs with the same model, data and steps: mean and sample std of top-1."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = (run["model"], run["dataset"], run["train_split"], run["steps"])
+        groups.setdefault(key, []).append(run)
+    summary = []
+    for (model, dataset, split, steps), members in sorted(groups.items()):
+        top1 = [r["top1"] for r in members]
+        summary.append(
+            {
+                "model": model,
+                "dataset": dataset,
+                "train_split": split,
+                "steps": steps,
+                "num_epochs": members[0]["num_epochs"],
+                "seeds": sorted(r["seed"] for r in members),
+                "top1_mean": statistics.mean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
+            }
+        )
+    return summary
+
+
+def table(runs: list[dict], groups: list[dict]) -> str:
+    lines = [
+        "| run | model | seed | epochs | steps | test top-1 | examples | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        hours = f"{r['wall_hours']:.2f} h" if r["wall_hours"] is not None else "?"
+        lines.append(
+            f"| {pathlib.Path(r['workdir']).name} | {r['model']} | {r['seed']} | "
+            f"{r['num_epochs']} | {r['steps']} | {100 * r['top1']:.2f}% | "
+            f"{r['num_examples']:,} | {hours} |"
+        )
+    lines += [
+        "",
+        "| model | epochs | steps | seeds | test top-1, mean | std |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        std = f"{100 * g['top1_std']:.2f}" if g["top1_std"] is not None else "(one run)"
+        lines.append(
+            f"| {g['model']} | {g['num_epochs']} | {g['steps']} | {len(g['seeds'])} | "
+            f"{100 * g['top1_mean']:.2f}% | {std} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
+    parser.add_argument("--json_out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    finished = [w for w in args.workdirs if (w / "eval_results.json").is_file()]
+    if not finished:
+        sys.exit("error: none of these workdirs holds a finished run (eval_results.json).")
+    runs = [read_run(w) for w in sorted(finished)]
+    groups = summarize(runs)
+    print(table(runs, groups))
+    payload = {"runs": runs, "groups": groups}
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(json.dumps(payload))
+
+
+if __name__ == "__main__":
+    main()

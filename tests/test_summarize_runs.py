@@ -1,0 +1,57 @@
+"""scripts/summarize_runs.py: each run's final top-1 and each budget's mean and spread."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def write_run(folder, seed, top1, steps=100, model="resnet20"):
+    folder.mkdir(parents=True)
+    config = {
+        "model": {"name": model},
+        "dataset": "image_folder",
+        "train_split": "train",
+        "seed": seed,
+        "num_epochs": 30.0,
+        "num_train_steps": -1,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    results = {"top1": top1, "step": steps, "num_examples": 10000}
+    (folder / "eval_results.json").write_text(json.dumps(results))
+
+
+def summarize(*args):
+    return subprocess.run(
+        [sys.executable, "scripts/summarize_runs.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_groups_by_budget_with_mean_and_sample_std(tmp_path):
+    for seed, top1 in enumerate((0.9512, 0.9498, 0.9530)):
+        write_run(tmp_path / f"a{seed}", seed, top1)
+    write_run(tmp_path / "b", 0, 0.9401, steps=50)
+    (tmp_path / "unfinished").mkdir()  # No eval_results.json: left out.
+    out = tmp_path / "summary.json"
+    result = summarize(*sorted(tmp_path.iterdir()), "--json_out", out)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload == json.loads(out.read_text())
+    assert len(payload["runs"]) == 4
+    short, full = payload["groups"]
+    assert short["steps"] == 50 and short["top1_std"] is None and short["seeds"] == [0]
+    assert full["steps"] == 100 and full["seeds"] == [0, 1, 2]
+    assert full["top1_mean"] == statistics.mean((0.9512, 0.9498, 0.9530))
+    assert full["top1_std"] == statistics.stdev((0.9512, 0.9498, 0.9530))
+    assert "| resnet20 | 30.0 | 100 | 3 | 95.13% | 0.16 |" in result.stdout
+
+
+def test_nothing_finished_is_an_error(tmp_path):
+    result = summarize(tmp_path)
+    assert result.returncode == 1 and "error: none of these workdirs" in result.stderr
