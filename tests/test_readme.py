@@ -48,6 +48,7 @@ PREDICTS = readme_commands("predict")
 IMPORTS = readme_commands("import_torch")
 REPORTS = readme_commands("report")
 DEGRADATIONS = readme_commands("experiments.degradation")
+LAYER_RESPONSES = readme_commands("experiments.layer_responses")
 
 
 def test_the_readme_has_the_commands_this_file_runs():
@@ -56,7 +57,7 @@ def test_the_readme_has_the_commands_this_file_runs():
     assert any("--mode=eval" in c for c in COMMANDS)
     assert any("--mode=summary" in c for c in COMMANDS)
     assert len(PREDICTS) == 2 and len(IMPORTS) == 1
-    assert len(REPORTS) == 1 and len(DEGRADATIONS) == 1
+    assert len(REPORTS) == 1 and len(DEGRADATIONS) == 1 and len(LAYER_RESPONSES) == 1
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,15 @@ def test_degradation_command(user_dir, cifar):
         final = json.loads((workdir / run["model"] / "eval_results.json").read_text())
         assert final["num_examples"] == 37 and final["step"] == run["steps"] == 2
     assert (workdir / "degradation.png").is_file() and (workdir / "degradation.md").is_file()
+
+    # Figure 7 from the experiment's checkpoints, as written.
+    (responses,) = LAYER_RESPONSES
+    assert responses[responses.index("--workdir") + 1] == args[args.index("--workdir") + 1]
+    run_as_written(responses, user_dir, module="experiments.layer_responses")
+    analysed = json.loads((workdir / "layer_responses" / "layer_responses.json").read_text())
+    assert [r["run"] for r in analysed["runs"]] == ["plain8", "resnet8"]
+    assert [r["num_layers"] for r in analysed["runs"]] == [7, 7]  # Stem + 2 per block x 3.
+    assert (workdir / "layer_responses" / "layer_responses.png").is_file()
 
 
 def readme_script_commands(script):
