@@ -85,28 +85,26 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
     assert len(png) > 20_000  # Four labelled panels, not an empty canvas.
 
 
-def test_batch_size_one_is_refused():
-    result = subprocess.run(
-        [sys.executable, "scripts/compare_models.py", "--batch_size=1"],
+def run_refused(*args):
+    """compare_models.py with arguments it must refuse before doing any work."""
+    return subprocess.run(
+        [sys.executable, "scripts/compare_models.py", *args],
         cwd=ROOT,
         env=main_environment(devices=1),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_batch_size_one_is_refused():
+    result = run_refused("--batch_size=1")
     assert result.returncode != 0
     assert "--batch_size must be at least 2" in result.stderr
 
 
 def test_unknown_model_option_is_refused():
-    result = subprocess.run(
-        [sys.executable, "scripts/compare_models.py", "--models=densenet100:lean"],
-        cwd=ROOT,
-        env=main_environment(devices=1),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_refused("--models=densenet100:lean")
     assert result.returncode != 0
     assert "unknown option 'lean' after 'densenet100'" in result.stderr
     assert "memory_efficient" in result.stderr
