@@ -161,9 +161,8 @@ def read_metrics(collection: metrics.Collection) -> dict[str, float | int]:
 
 def read_eval_metrics(collection: EvalMetrics) -> dict[str, float | int]:
     """top1, top5, loss and num_examples of an evaluation's merged collection."""
-    values = read_metrics(collection)
-    values["num_examples"] = int(jax.device_get(collection.loss.count))
-    return values
+    local = jax.device_get(collection)  # One copy to the host; read_metrics reuses it.
+    return {**read_metrics(local), "num_examples": int(local.loss.count)}
 
 
 def schedule_settings(
