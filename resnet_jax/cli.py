@@ -1,12 +1,15 @@
-"""What the commands (main, predict, import_torch) share: quiet logs and one-line errors.
+"""What the commands share: their start (quiet logs, the compilation cache) and one-line errors.
 
 Import this module before anything that imports TensorFlow: it sets TensorFlow's
 logging environment, which is read once, at TensorFlow's import.
 """
 
+import atexit
+import faulthandler
 import logging as std_logging
 import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +22,15 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags, logging  # noqa: E402
 
-from resnet_jax import checkpointing, config_checks, data  # noqa: E402
+from resnet_jax import checkpointing, compile_cache, config_checks, data  # noqa: E402
+
+flags.DEFINE_string(
+    "compilation_cache",
+    compile_cache.DEFAULT_LOCATION,
+    "Folder (or gs:// path) of jax's persistent compilation cache, where a rerun, an eval, "
+    "a report or predict read the programs compiled before; none turns it off. See "
+    "resnet_jax/compile_cache.py.",
+)
 
 # Errors that mean bad input: reported as one clear line, not a traceback.
 USER_ERRORS = (
@@ -62,6 +73,19 @@ def use_checkout_configs() -> None:
 def quiet_libraries() -> None:
     """Hides libraries' INFO log lines unless --verbosity=1 (call inside the absl main)."""
     logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def start_command() -> None:
+    """What every command does first, inside its absl main (the flags are parsed).
+
+    Hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
+    every thread's Python stack (what a stuck run is waiting on); turns on the
+    compilation cache of --compilation_cache, and logs what it did when the command ends.
+    """
+    quiet_libraries()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if compile_cache.enable(flags.FLAGS.compilation_cache):
+        atexit.register(lambda: logging.info("%s.", compile_cache.summary().capitalize()))
 
 
 def exit_on_user_error(

@@ -338,7 +338,7 @@ def import_state_dict(
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_libraries()
+    cli.start_command()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     summary: dict[str, Any] = {}

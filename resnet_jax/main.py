@@ -8,10 +8,8 @@ Exit status: 0 when the job is done, 1 after an error (one line saying what to d
 same command to continue.
 """
 
-import faulthandler
 import json
 import os
-import signal
 import sys
 
 from absl import app, flags, logging
@@ -51,9 +49,7 @@ def _deterministic_gpu() -> None:
 
 
 def main(argv: list[str]) -> None:
-    # `kill -USR1 PID` prints every thread's Python stack: what a stuck run is waiting on.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    cli.quiet_libraries()
+    cli.start_command()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.exit_on_user_error(lambda: _run(FLAGS.config))

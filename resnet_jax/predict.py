@@ -187,7 +187,7 @@ def predict_files(
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_libraries()
+    cli.start_command()
     if len(argv) < 2:
         raise app.UsageError("Give one or more image files (or folders) to classify.")
     if FLAGS.checkpoint not in ("latest", "best") and not FLAGS.checkpoint.isdigit():

@@ -345,7 +345,7 @@ def _run() -> None:
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_libraries()
+    cli.start_command()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     cli.use_checkout_configs()

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from resnet_jax import checkpointing, config_checks, data, evaluate, sharding, steps
+from resnet_jax import checkpointing, compile_cache, config_checks, data, evaluate, sharding, steps
 from resnet_jax.models import create_model
 
 # Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
@@ -151,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
 ) -> dict[str, Any]:
+    started = time.perf_counter()
     workdir = checkpointing.absolute_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh()
@@ -235,6 +236,14 @@ def _train_and_evaluate(
         for step in range(start_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, train_metrics = train_step_fn(state, train_metrics, next(batches))
+            if step == start_step + 1:  # Input, initialisation and compilation are behind.
+                jax.block_until_ready(state)
+                logging.info(
+                    "Step %d done %.1f s after the run started (%s).",
+                    step,
+                    time.perf_counter() - started,
+                    compile_cache.summary(),
+                )
             for hook in hooks:
                 hook(step)
             last = step == num_steps

@@ -1,11 +1,15 @@
 """What the speed scripts (benchmark.py, compare_models.py, input_benchmark.py) share."""
 
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
+
+CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 
 # Untimed calls before timing: the first calls also transfer and allocate.
 WARMUP_STEPS = 2
@@ -119,3 +123,244 @@ def print_json(result: dict[str, Any], json_out: str | None) -> None:
     if json_out:
         pathlib.Path(json_out).write_text(line + "\n")
     print(line)
+
+
+# Dense peak FLOP/s by device kind (vendor figures), for the fraction of peak.
+PEAK_FLOPS = {
+    # kind substring: (bfloat16, float32)
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L4": (121e12, 30e12),
+    "TPU v4": (275e12, 275e12 / 2),
+    "TPU v5 lite": (197e12, 197e12 / 2),
+    "TPU v5e": (197e12, 197e12 / 2),
+    "TPU v5p": (459e12, 459e12 / 2),
+    "TPU v6": (918e12, 918e12 / 2),
+}
+
+
+def peak_flops(device: Any, half_precision: bool) -> float | None:
+    """The device's dense peak FLOP/s in the step's compute dtype, when its kind is known."""
+    for kind, (bf16, f32) in PEAK_FLOPS.items():
+        if kind.lower() in device.device_kind.lower():
+            return bf16 if half_precision else f32
+    return None
+
+
+def step_timers(
+    config: Any, mesh: Any, num_classes: int, steps: int, repeats: int
+) -> tuple[dict[str, Any], Callable[[], float]]:
+    """Compiles and measures the eval step; returns the figures and a timer of train steps.
+
+    The timer runs `steps` train steps (state and metrics donated, the batch already on
+    the devices) and returns their images/s; benchmark.py calls it in rounds interleaved
+    with PyTorch's and around the training loop.
+    """
+    import jax
+    import numpy as np
+
+    from resnet_jax import sharding
+    from resnet_jax import steps as steps_lib
+
+    batch_size = config.batch_size
+    local = sharding.per_process_batch_size(batch_size, mesh)
+    rng = np.random.default_rng(0)
+    size = config.image_size
+    batch = random_batch(rng, local, size, num_classes, mesh)
+    state, metrics, train_step_fn, eval_step_fn = train_setup(config, mesh, num_classes)
+
+    start = time.perf_counter()
+    compiled = train_step_fn.lower(state, metrics, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    # XLA counts the program one device runs: its share of the batch.
+    flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = flops_per_device * mesh.devices.size
+    step_bytes = footprint_bytes(compiled)
+    holder = {"state": state, "metrics": metrics}
+
+    def train_steps(count: int) -> None:
+        for _ in range(count):
+            holder["state"], holder["metrics"] = compiled(holder["state"], holder["metrics"], batch)
+        jax.block_until_ready(holder["state"].params)
+
+    def train_round() -> float:
+        return median_rate(lambda: train_steps(steps), steps * batch_size, 1)
+
+    train_steps(WARMUP_STEPS)
+
+    eval_size = config.eval_batch_size
+    eval_local = sharding.per_process_batch_size(eval_size, mesh, "eval_batch_size")
+    eval_batch = random_batch(rng, eval_local, size, num_classes, mesh, mask=True)
+    eval_holder = {"metrics": steps_lib.empty_metrics(steps_lib.EvalMetrics, mesh)}
+
+    def eval_steps(count):
+        for _ in range(count):
+            eval_holder["metrics"] = eval_step_fn(
+                holder["state"], eval_holder["metrics"], eval_batch
+            )
+        jax.block_until_ready(eval_holder["metrics"])
+
+    eval_steps(WARMUP_STEPS)
+    eval_img = median_rate(lambda: eval_steps(steps), steps * eval_size, repeats)
+
+    result = {
+        "eval_img_per_s": eval_img,
+        "compile_s": compile_s,
+        "train_step_gflop": flops / 1e9,
+        "train_step_memory_bytes_per_device": step_bytes,
+    }
+    return result, train_round
+
+
+def flop_rates(result: dict[str, Any], config: Any, mesh: Any) -> None:
+    """Adds the achieved FLOP/s, the fraction of the device's peak and its peak memory."""
+    # XLA counts the program one device runs; train_step_gflop is over all devices.
+    per_image = result["train_step_gflop"] * 1e9 / config.batch_size
+    train_img = result["train_img_per_s"]
+    result["achieved_tflop_per_s"] = per_image * train_img / 1e12 if per_image else None
+    result["fraction_of_peak"] = result["device_peak_bytes"] = None
+    device = mesh.devices.flat[0]
+    peak = peak_flops(device, config.half_precision)
+    if peak and per_image:
+        result["fraction_of_peak"] = per_image * train_img / mesh.devices.size / peak
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+
+
+def input_rates(config: Any, batches_per_repeat: int, repeats: int) -> dict[str, Any]:
+    """Images/s (and per host CPU second) of the device-resident input at `config`'s size."""
+    from resnet_jax import sharding
+
+    batch = config.batch_size
+    mesh = sharding.make_mesh()
+    batches = device_input(
+        mesh, batch * 8, config.image_size, batch, config.crop_padding, config.random_flip
+    )
+    next(batches)["image"].block_until_ready()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(batches_per_repeat):
+            images = next(batches)["image"]
+        images.block_until_ready()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    images = batches_per_repeat * batch
+    return {
+        "input_img_per_s": images / statistics.median(wall),
+        "input_img_per_cpu_s": images / statistics.median(cpu),
+    }
+
+
+def write_noise_folder(
+    root: pathlib.Path, num_train: int, num_test: int, size: int, num_classes: int = 4
+) -> None:
+    """An image folder of random PNGs: what the loop reads, decodes and batches."""
+    import numpy as np
+
+    from resnet_jax.data import folders
+
+    rng = np.random.default_rng(0)
+    names = [f"class{c}" for c in range(num_classes)]
+    for split, count in (("train", num_train), ("test", num_test)):
+        images = rng.integers(0, 256, (count, size, size, 3), np.uint8)
+        labels = [i % num_classes for i in range(count)]
+        files = [f"{i:05d}.png" for i in range(count)]
+        folders.write_images(root / split, images, labels, names, files)
+
+
+def torch_timer(
+    config: Any,
+    num_classes: int,
+    steps: int,
+    channels_last: bool = False,
+    compiled: bool = False,
+) -> tuple[dict[str, Any], Callable[[], float] | None]:
+    """The same network and SGD step in PyTorch, on the GPU if torch sees one.
+
+    Eager and in the default memory format unless `channels_last` / `compiled`
+    (torch.compile); in bfloat16 autocast on a GPU when config.half_precision. Returns what
+    was set up and a timer of `steps` PyTorch steps (images/s), or None with a note saying
+    why there is none.
+    """
+    none = {"torch_device": None, "torch_threads": None}
+    try:
+        import torch
+
+        from resnet_jax import torch_resnet
+    except ImportError:
+        return {**none, "torch_note": "PyTorch is not installed"}, None
+    try:
+        model = torch_resnet.from_config(config.model, num_classes)
+    except ValueError as e:
+        return {**none, "torch_note": str(e)}, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)  # XLA:CPU uses one thread per core too.
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).train()
+    decayed = [p for p in model.parameters() if config.weight_decay_all or p.ndim > 1]
+    others = [p for p in model.parameters() if not (config.weight_decay_all or p.ndim > 1)]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": decayed, "weight_decay": config.weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    generator = torch.Generator().manual_seed(0)
+    size = config.image_size
+    images = torch.randn(config.batch_size, 3, size, size, generator=generator)
+    images = images.to(device, memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (config.batch_size,), generator=generator).to(device)
+    half = config.half_precision and device == "cuda"
+    forward = torch.compile(model) if compiled else model
+
+    def run(count):
+        for _ in range(count):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=half):
+                loss = loss_fn(forward(images), labels)
+            loss.backward()
+            optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run(WARMUP_STEPS)
+
+    def torch_round() -> float:
+        return median_rate(lambda: run(steps), steps * config.batch_size, 1)
+
+    info = {"torch_device": device, "torch_threads": threads, "torch_version": torch.__version__}
+    return info, torch_round
+
+
+def run_limited(
+    command: list[str], env: dict[str, str], limit: float, cwd: pathlib.Path = CHECKOUT
+) -> tuple[str, str, float]:
+    """Runs `command` for at most `limit` s; returns (status, output, seconds)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=limit)
+        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        output, _ = process.communicate()
+        status = f"timed out after {limit:.0f} s"
+    return status, output, time.perf_counter() - start

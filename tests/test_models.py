@@ -275,17 +275,23 @@ def test_bad_model_config_is_rejected_with_the_valid_choices(overrides, match):
 
 
 def test_every_shipped_config_is_valid():
-    from configs import (
-        paper_cifar10,
-        resnet18,
-        resnet34_cifar100,
-        resnet50_cifar100,
-        resnet50_imagenet,
-        smoke,
-    )
+    import importlib
 
-    for module in (resnet18, resnet34_cifar100, resnet50_cifar100, resnet50_imagenet, smoke):
-        config_checks.validate(module.get_config())
+    from helpers import ROOT
+
+    # Each config file, with the arguments its docstring names (file.py:ARG).
+    arguments = {"paper_cifar10": ("20", "56", "110"), "fashion_mnist": ("", "degradation")}
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    assert len(names) >= 11
+    for name in names:
+        if name == "from_workdir":  # Reads a run's config.json (tests/test_checkpoints.py).
+            continue
+        module = importlib.import_module(f"configs.{name}")
+        for argument in arguments.get(name, (None,)):
+            config = module.get_config() if argument is None else module.get_config(argument)
+            config_checks.validate(config)
+    from configs import paper_cifar10, resnet18, resnet18_large_batch, resnet50_imagenet
+
     imagenet = resnet50_imagenet.get_config()
     assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples
     assert (imagenet.input, imagenet.augment, imagenet.eval_split) == (
@@ -294,6 +300,9 @@ def test_every_shipped_config_is_valid():
         "validation",
     )
     for depth in ("20", "56", "110"):
-        config = paper_cifar10.get_config(depth)
-        config_checks.validate(config)
-        assert config.model.name == f"resnet{depth}"
+        assert paper_cifar10.get_config(depth).model.name == f"resnet{depth}"
+    # The large-batch variant: the headline recipe with the learning rate scaled linearly.
+    small, large = resnet18.get_config(), resnet18_large_batch.get_config()
+    assert large.learning_rate / small.learning_rate == large.batch_size / small.batch_size == 8
+    assert (large.half_precision, large.warmup_epochs, large.num_epochs) == (True, 5.0, 200.0)
+    assert large.eval_every_steps == 10 * (50_000 // 1024)
