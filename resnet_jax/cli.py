@@ -4,7 +4,6 @@ Import this module before anything that imports TensorFlow: it sets TensorFlow's
 logging environment, which is read once, at TensorFlow's import.
 """
 
-import atexit
 import faulthandler
 import logging as std_logging
 import os
@@ -80,12 +79,11 @@ def start_command() -> None:
 
     Hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
     every thread's Python stack (what a stuck run is waiting on); turns on the
-    compilation cache of --compilation_cache, and logs what it did when the command ends.
+    compilation cache of --compilation_cache (exit_on_user_error logs what it did).
     """
     quiet_libraries()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    if compile_cache.enable(flags.FLAGS.compilation_cache):
-        atexit.register(lambda: logging.info("%s.", compile_cache.summary().capitalize()))
+    compile_cache.enable(flags.FLAGS.compilation_cache)
 
 
 def exit_on_user_error(
@@ -96,7 +94,7 @@ def exit_on_user_error(
     """Runs `function`; a USER_ERRORS (or `extra`) exception exits 1 with an `error:` line.
 
     A checkpoint step that cannot be used is reported with `step_flag`, the command's way
-    of choosing another step.
+    of choosing another step. When `function` returns, logs what the compilation cache did.
     """
     try:
         function()
@@ -104,6 +102,8 @@ def exit_on_user_error(
         sys.exit(f"error: {e.with_flag(step_flag)}")
     except (*USER_ERRORS, *extra) as e:
         sys.exit(f"error: {e}")
+    if compile_cache.location():
+        logging.info("%s.", compile_cache.summary().capitalize())
 
 
 def _error_lines(error: BaseException) -> list[str]:

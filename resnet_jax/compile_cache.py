@@ -80,6 +80,11 @@ def enable(location: str) -> str | None:
     return location
 
 
+def location() -> str | None:
+    """The cache's folder, or None when it is off."""
+    return _state["location"]
+
+
 def summary() -> str:
     """What the cache did so far in this process, for a log line."""
     location = _state["location"]

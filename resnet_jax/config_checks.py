@@ -20,91 +20,134 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _name(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _optional_path(value) -> bool:
+    return value is None or _name(value)
+
+
+def _increasing(items, positive) -> bool:
+    return (
+        isinstance(items, (tuple, list))
+        and all(positive(item) for item in items)
+        and list(items) == sorted(items)
+    )
+
+
+_BOOL = (lambda value: isinstance(value, bool), "True or False")
+_POSITIVE_INT = (_positive_int, "a positive integer")
+
+# Each other top-level key, checked on its own value whatever the other keys say: (test, what
+# the value must be). tests/test_config_checks.py holds every key of resnet_jax/defaults.py
+# to an entry here or in CHOICES (the model's keys: models.validate_model_config).
+RANGES = {
+    "dataset": (_name, "cifar10, cifar100, image_folder or a tensorflow-datasets name"),
+    "train_split": (_name, "a split name (a tfds split, or an image folder's subfolder)"),
+    "eval_split": (_name, "a split name (a tfds split, or an image folder's subfolder)"),
+    "input_workers": (
+        lambda v: _is_int(v) and v >= -1,
+        "-1 (one per core), 0 (none) or more",
+    ),
+    "data_dir": (_optional_path, "unset (tfds's default folder) or a folder"),
+    "manual_dir": (_optional_path, "unset or the folder holding the dataset's archive"),
+    "image_size": _POSITIVE_INT,
+    "eval_resize_size": (
+        lambda v: _is_int(v) and v >= 0,
+        "0 (resize whole images) or a size to resize the shorter side to",
+    ),
+    "crop_padding": (lambda v: _is_int(v) and v >= 0, ">= 0"),
+    "random_flip": _BOOL,
+    "batch_size": _POSITIVE_INT,
+    "eval_batch_size": _POSITIVE_INT,
+    "num_epochs": (
+        lambda v: _is_number(v) and v > 0,
+        "positive (it sets the length when num_train_steps is -1)",
+    ),
+    "num_train_steps": (
+        lambda v: _is_int(v) and (v > 0 or v == -1),
+        "a positive step count, or -1 to derive it from num_epochs",
+    ),
+    "learning_rate": (lambda v: _is_number(v) and v > 0, "positive"),
+    "lr_decay_factor": (lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
+    "lr_decay_steps": (
+        lambda v: _increasing(v, _positive_int),
+        "increasing positive step numbers",
+    ),
+    "lr_decay_epochs": (
+        lambda v: _increasing(v, lambda e: _is_number(e) and e > 0),
+        "increasing positive epochs",
+    ),
+    "warmup_epochs": (lambda v: _is_number(v) and v >= 0, ">= 0"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "nesterov": _BOOL,
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, ">= 0"),
+    "weight_decay_all": _BOOL,
+    "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "half_precision": _BOOL,
+    "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "deterministic": _BOOL,
+    "allow_schedule_change": _BOOL,
+    "log_every_steps": _POSITIVE_INT,
+    "eval_every_steps": _POSITIVE_INT,
+    "checkpoint_every_steps": _POSITIVE_INT,
+    "keep_checkpoints": _POSITIVE_INT,
+    "profile_num_steps": (lambda v: _is_int(v) and v >= 0, ">= 0 (0 disables)"),
+    "eval_checkpoint": (
+        lambda v: str(v) in ("latest", "best") or str(v).isdigit(),
+        "'latest', 'best' or a step number",
+    ),
+}
+# The keys that take one of a few names: (the names, what the error adds).
+CHOICES = {
+    "input": (INPUT_MODES, ""),
+    "augment": (
+        AUGMENTATIONS,
+        " (crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data)",
+    ),
+    "lr_schedule": (LR_SCHEDULES, ""),
+    "cpu_convolutions": (CPU_CONVOLUTIONS, " (see resnet_jax/compile_options.py)"),
+}
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for the first invalid value found."""
+    """Raises ConfigError for the first invalid value found.
+
+    Every value is checked on its own first (RANGES), used or not, then the combinations.
+    """
     try:
         validate_model_config(config.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(
-        bool(config.dataset) and isinstance(config.dataset, str),
-        "dataset must be cifar10, cifar100, image_folder or a tensorflow-datasets name.",
-    )
-    _require(
-        config.input in INPUT_MODES,
-        f"Unknown input {config.input!r}. Valid choices: {', '.join(INPUT_MODES)}.",
-    )
-    _require(
-        config.augment in AUGMENTATIONS,
-        f"Unknown augment {config.augment!r}. Valid choices: {', '.join(AUGMENTATIONS)} "
-        "(crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data).",
-    )
+    for key, (choices, hint) in CHOICES.items():
+        _require(
+            config[key] in choices,
+            f"Unknown {key} {config[key]!r}. Valid choices: {', '.join(choices)}{hint}.",
+        )
+    for key, (ok, expected) in RANGES.items():
+        _require(ok(config[key]), f"{key}={config[key]!r} must be {expected}.")
     _require(
         not (config.input == "device" and config.augment != "crop_flip"),
         f"input=device crops and flips the stored images only; augment={config.augment} "
         "needs the original files: use --config.input=stream (or auto).",
     )
     _require(
-        config.cpu_convolutions in CPU_CONVOLUTIONS,
-        f"Unknown cpu_convolutions {config.cpu_convolutions!r}. Valid choices: "
-        f"{', '.join(CPU_CONVOLUTIONS)} (see resnet_jax/compile_options.py).",
-    )
-    _require(
-        config.input_workers >= -1,
-        f"input_workers={config.input_workers} must be -1 (one per core), 0 (none) or more.",
-    )
-    for key in (
-        "batch_size",
-        "eval_batch_size",
-        "image_size",
-        "log_every_steps",
-        "eval_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-    ):
-        value = config[key]
-        _require(value > 0, f"{key}={value} must be a positive integer.")
-    _require(
         config.eval_resize_size == 0 or config.eval_resize_size >= config.image_size,
         f"eval_resize_size={config.eval_resize_size} must be 0 (resize whole images) or at "
         f"least image_size={config.image_size} (resize the shorter side, then centre-crop).",
-    )
-    _require(config.crop_padding >= 0, f"crop_padding={config.crop_padding} must be >= 0.")
-    _require(
-        isinstance(config.seed, int) and config.seed >= 0,
-        f"seed={config.seed} must be a non-negative integer.",
-    )
-    _require(
-        config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
-        f"num_train_steps={config.num_train_steps}, num_epochs={config.num_epochs}: set "
-        "num_train_steps to a positive count, or to -1 with num_epochs > 0.",
-    )
-    _require(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be positive.")
-    _require(
-        config.lr_schedule in LR_SCHEDULES,
-        f"Unknown lr_schedule {config.lr_schedule!r}. Valid choices: {', '.join(LR_SCHEDULES)}.",
-    )
-    _require(
-        0 < config.lr_decay_factor <= 1,
-        f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1].",
-    )
-    _require(
-        list(config.lr_decay_steps) == sorted(config.lr_decay_steps)
-        and list(config.lr_decay_epochs) == sorted(config.lr_decay_epochs),
-        "lr_decay_steps and lr_decay_epochs must be increasing.",
-    )
-    _require(config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs} must be >= 0.")
-    _require(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1).")
-    _require(config.weight_decay >= 0, f"weight_decay={config.weight_decay} must be >= 0.")
-    _require(
-        0 <= config.label_smoothing < 1,
-        f"label_smoothing={config.label_smoothing} must be in [0, 1).",
-    )
-    _require(config.profile_num_steps >= 0, "profile_num_steps must be >= 0 (0 disables).")
-    checkpoint = str(config.eval_checkpoint)
-    _require(
-        checkpoint in ("latest", "best") or (checkpoint.isdigit()),
-        f"eval_checkpoint={config.eval_checkpoint!r} must be 'latest', 'best' or a step number.",
     )
 
 

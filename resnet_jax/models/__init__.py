@@ -146,6 +146,10 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
             f"model.memory_efficient={memory_efficient!r} must be True or False (True: a "
             "DenseNet recomputes each layer's concatenation and bottleneck in the backward pass)."
         )
+    if not isinstance(model_config.zero_init_residual, bool):
+        raise ValueError(
+            f"model.zero_init_residual={model_config.zero_init_residual!r} must be True or False."
+        )
     if constructor.func is DenseNet and model_config.zero_init_residual:
         raise ValueError(
             f"model.zero_init_residual=True: {model_config.name} has no residual branch to "
