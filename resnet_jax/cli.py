@@ -21,7 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags, logging  # noqa: E402
 
-from resnet_jax import checkpointing, compile_cache, config_checks, data  # noqa: E402
+from resnet_jax import checkpointing, compile_cache, config_checks, data, workdir_claim  # noqa: E402
 
 flags.DEFINE_string(
     "compilation_cache",
@@ -37,6 +37,7 @@ USER_ERRORS = (
     data.DatasetError,
     checkpointing.CheckpointError,
     FloatingPointError,
+    workdir_claim.WorkdirError,
 )
 
 # Where INFO lines come from that the console shows by default: ours and the metric

@@ -16,10 +16,21 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
-from resnet_jax import checkpointing, compile_cache, config_checks, data, evaluate, sharding, steps
+from resnet_jax import (
+    checkpointing,
+    compile_cache,
+    config_checks,
+    data,
+    evaluate,
+    sharding,
+    steps,
+    workdir_claim,
+)
 from resnet_jax.models import create_model
 
 # Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
@@ -133,6 +144,36 @@ def _resume(
     return state, meta
 
 
+def _claim(workdir, cleanup: contextlib.ExitStack) -> None:
+    """Takes the workdir for this run (process 0 for all), released when the run ends.
+
+    Raises:
+      workdir_claim.WorkdirError: another live run holds it, or it cannot be written.
+    """
+    claim = workdir_claim.Claim(workdir, jax.process_index(), jax.process_count())
+    problem = ""
+    if jax.process_index() == 0:
+        try:
+            claim.take()
+        except workdir_claim.WorkdirError as e:
+            problem = str(e)
+        else:
+            cleanup.callback(claim.release)
+            if claim.took_over:
+                logging.warning(
+                    "Took over the claim on %s left by an earlier run: %s.",
+                    workdir,
+                    claim.took_over,
+                )
+    if jax.process_count() > 1:
+        # Every process learns process 0's outcome before any of them writes.
+        failed = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
+        if failed and not problem:
+            problem = f"process 0 could not claim {workdir} (its output says why)."
+    if problem:
+        raise workdir_claim.WorkdirError(problem)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, evaluates periodically and at the end.
 
@@ -153,7 +194,14 @@ def _train_and_evaluate(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     workdir = checkpointing.absolute_workdir(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise workdir_claim.WorkdirError(
+            f"cannot create {workdir} ({e.strerror or e}): choose a folder you can write, "
+            "or fix its permissions, then rerun."
+        ) from None
+    _claim(workdir, cleanup)
     mesh = sharding.make_mesh()
     # Both batch sizes are checked here, before any step: a bad eval batch size must not
     # wait for the first evaluation, hours in, to fail.

@@ -35,11 +35,12 @@ def main_args(workdir, toy_folder, *extra):
     ]
 
 
-def start_and_stop_at(args, workdir, min_step, stop_signal):
+def start_and_stop_at(args, workdir, min_step, stop_signal, while_frozen=None):
     """Starts a run and stops it with `stop_signal` between two checkpoints.
 
     The run is frozen (SIGSTOP) once it has logged `min_step`; if by then no checkpoint
     is complete, or it stands exactly at one, it is let go again until the next step.
+    `while_frozen(pid)`, if given, is called while it is frozen, before the signal.
 
     Returns (the last step it logged before the signal, its stderr, its exit code).
     """
@@ -60,6 +61,8 @@ def start_and_stop_at(args, workdir, min_step, stop_signal):
                 break
             process.send_signal(signal.SIGCONT)
     assert last_logged >= min_step, "".join(lines[-30:])
+    if while_frozen is not None:
+        while_frozen(process.pid)
     process.send_signal(stop_signal)
     if stop_signal != signal.SIGKILL:
         process.send_signal(signal.SIGCONT)
@@ -115,8 +118,22 @@ def logged_eval_top1(workdir):
 def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "killed"
     args = main_args(workdir, toy_folder)
-    last_logged, _, returncode = start_and_stop_at(args, workdir, 45, signal.SIGKILL)
+
+    def second_launch(pid):
+        """The same command again while the first run lives: refused, and nothing written."""
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+        second = run_main(*args)
+        assert second.returncode == 1, second.stderr[-3000:]
+        error = second.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"error: {workdir} is in use by the run of process {pid} on ")
+        assert f"kill {pid}" in error and "another --workdir" in error
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+
+    last_logged, _, returncode = start_and_stop_at(
+        args, workdir, 45, signal.SIGKILL, while_frozen=second_launch
+    )
     assert returncode == -signal.SIGKILL
+    assert (workdir / "RUNNING.json").exists()  # Left by the killed run.
     assert not (workdir / "eval_results.json").exists()
     latest = max(saved_steps(workdir))
     # Killed between checkpoints: the steps after `latest` are lost and must be redone.
@@ -124,6 +141,9 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
     resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {latest}" in resumed.stderr
+    # The killed run's claim is stale (its process is gone): taken over, then given back.
+    assert "left by an earlier run: its process" in resumed.stderr
+    assert not (workdir / "RUNNING.json").exists()
     assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
     reference = json.loads((reference_run / "eval_results.json").read_text())
     assert json.loads((workdir / "eval_results.json").read_text()) == reference
