@@ -20,6 +20,7 @@ recorded here are the whole state of the data order and augmentation randomness.
 """
 
 import enum
+import errno
 import hashlib
 import json
 from typing import Any
@@ -61,6 +62,59 @@ def absolute_workdir(workdir: str | epath.Path) -> epath.Path:
     path = epath.Path(workdir).expanduser()
     # epath's absolute() would prefix a gs:// path with the working directory.
     return path if path.is_absolute() else path.absolute()
+
+
+# How a failed write says that the disk is full or read-only, in the errors of Python
+# (errno), TensorStore (Orbax's writer: os_error_code) and the libraries' log lines.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space is left",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+}
+STORAGE_MARKERS = {
+    "No space left on device": "no space is left",
+    "os_error_code='28'": "no space is left",
+    "Disk quota exceeded": "the disk quota is used up",
+    "Read-only file system": "the file system is read-only",
+}
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What about the disk made `error` (or an error it arose from) fail, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[error.errno]
+        text = str(error)
+        for marker, reason in STORAGE_MARKERS.items():
+            if marker in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def complete_steps(workdir: str | epath.Path) -> list[int]:
+    """The steps whose save finished (Orbax renames a step's folder to its number when done)."""
+    folder = epath.Path(workdir) / CHECKPOINT_DIR
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def storage_error_message(workdir: str | epath.Path, reason: str) -> str:
+    """The one line for a run stopped because its workdir could not be written."""
+    steps = complete_steps(workdir)
+    resume = (
+        f"the newest complete checkpoint is step {steps[-1]} in {epath.Path(workdir) / CHECKPOINT_DIR}, "
+        "where the rerun resumes (unfinished saves are ignored)"
+        if steps
+        else "no checkpoint is complete yet, so the rerun starts from step 0"
+    )
+    return (
+        f"cannot write in {workdir}: {reason}. The run stopped; {resume}. Free space (or "
+        "make the folder writable) and rerun the same command."
+    )
 
 
 class UnusableStepError(CheckpointError):

@@ -50,13 +50,31 @@ _NOISE = ("Given directory is read only", "Requested `tracked_metric`; did not p
 
 class _QuietLibraries(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if flags.FLAGS.verbosity >= 1:
+        if flags.FLAGS["verbosity"].value >= 1:
             return True
         if record.levelno == std_logging.WARNING and str(record.msg).startswith(_NOISE):
+            return False
+        if f"{os.sep}resnet_jax{os.sep}" not in record.pathname and _restates_storage(record):
             return False
         return record.levelno >= std_logging.WARNING or any(
             part in record.pathname for part in _SHOWN_INFO
         )
+
+
+def _restates_storage(record: std_logging.LogRecord) -> bool:
+    """A library's report of a full or read-only disk: the command's error line says it once."""
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += str(record.exc_info[1])
+    return any(marker in text for marker in checkpointing.STORAGE_MARKERS)
+
+
+def _quiet_closed_loops(unraisable) -> None:
+    """Drops "Event loop is closed" from writes that outlive Orbax's loop after a failed save."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def use_checkout_configs() -> None:
@@ -83,6 +101,7 @@ def start_command() -> None:
     compilation cache of --compilation_cache (exit_on_user_error logs what it did).
     """
     quiet_libraries()
+    sys.unraisablehook = _quiet_closed_loops
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     compile_cache.enable(flags.FLAGS.compilation_cache)
 

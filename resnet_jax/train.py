@@ -186,7 +186,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       {"preempted": True, "step": N} after a SIGTERM.
     """
     with contextlib.ExitStack() as cleanup:  # Stops the stream's workers, however it ends.
-        return _train_and_evaluate(config, workdir, cleanup)
+        try:
+            return _train_and_evaluate(config, workdir, cleanup)
+        except Exception as e:
+            # The first failed write (a checkpoint, an event file, a JSON) on a full or
+            # read-only disk ends the run with one line; checkpoints in flight stay unfinished.
+            reason = checkpointing.storage_failure(e)
+            if reason is None:
+                raise
+            absolute = checkpointing.absolute_workdir(workdir)
+            raise workdir_claim.WorkdirError(
+                checkpointing.storage_error_message(absolute, reason)
+            ) from None
 
 
 def _train_and_evaluate(
