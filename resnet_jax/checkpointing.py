@@ -70,12 +70,15 @@ STORAGE_ERRNOS = {
     errno.ENOSPC: "no space is left",
     errno.EDQUOT: "the disk quota is used up",
     errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission to write is denied",
 }
 STORAGE_MARKERS = {
     "No space left on device": "no space is left",
     "os_error_code='28'": "no space is left",
     "Disk quota exceeded": "the disk quota is used up",
     "Read-only file system": "the file system is read-only",
+    "os_error_code='30'": "the file system is read-only",
+    "os_error_code='13'": "permission to write is denied",
 }
 
 

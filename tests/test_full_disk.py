@@ -132,6 +132,7 @@ def test_a_failed_save_in_process_names_the_newest_complete_checkpoint(
             ),
             "no space is left",
         ),
+        (OSError(errno.EACCES, "Permission denied"), "permission to write is denied"),
         (OSError(errno.ENOENT, "No such file or directory"), None),
         (ValueError("shapes differ"), None),
     ],
