@@ -128,6 +128,12 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
         assert error.startswith(f"error: {workdir} is in use by the run of process {pid} on ")
         assert f"kill {pid}" in error and "another --workdir" in error
         assert sorted((p.name, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+        # Reading commands do not claim: evaluating the run's latest checkpoint works now.
+        evaluated = run_main(*eval_args(workdir, toy_folder), devices=1)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == max(
+            saved_steps(workdir)
+        )
 
     last_logged, _, returncode = start_and_stop_at(
         args, workdir, 45, signal.SIGKILL, while_frozen=second_launch
