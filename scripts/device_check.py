@@ -112,40 +112,6 @@ def measure_torch(settings: dict[str, Any]) -> dict[str, Any]:
     return {**info, "train_img_per_s": max(timer() for _ in range(settings["repeats"]))}
 
 
-MEASURE = {
-    "step": measure_step,
-    "deterministic": measure_step,
-    "input": measure_input,
-    "torch": measure_torch,
-}
-
-
-def _environment(settings: dict[str, Any]) -> dict[str, str]:
-    env = dict(os.environ)
-    if settings.get("deterministic"):
-        # What main.py sets for config.deterministic, before jax starts its backends.
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
-    return env
-
-
-def run_part(part: str, settings: dict[str, Any], limit: float) -> dict[str, Any]:
-    """One row: `part` measured in a subprocess of this script, killed after `limit` s."""
-    command = [
-        sys.executable,
-        __file__,
-        f"--part={part}",
-        f"--part_settings={json.dumps(settings)}",
-    ]
-    status, output, seconds = timing.run_limited(command, _environment(settings), limit)
-    row = {"part": part, **settings, "status": status, "seconds": round(seconds, 1)}
-    found = [line for line in output.splitlines() if line.startswith("{")]
-    if status == "ok" and found:
-        row.update(json.loads(found[-1]))
-    elif status != "ok" and "timed out" not in status:
-        row["note"] = (output.strip().splitlines() or [""])[-1][:300]
-    return row
-
-
 def write_folder(settings: dict[str, Any]) -> dict[str, Any]:
     config = _config(settings)
     timing.write_noise_folder(
@@ -172,7 +138,45 @@ def machine(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MEASURE.update(folder=write_folder, machine=machine)
+MEASURE = {
+    "step": measure_step,
+    "deterministic": measure_step,
+    "input": measure_input,
+    "torch": measure_torch,
+    "folder": write_folder,  # Steps of the main part, and the machine's description.
+    "machine": machine,
+}
+
+
+def _environment(settings: dict[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    if settings.get("deterministic"):
+        # What main.py sets for config.deterministic, before jax starts its backends.
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
+    return env
+
+
+def _last_line(output: str) -> str:
+    """What a failed part printed last (its error), for the row's note."""
+    return (output.strip().splitlines() or [""])[-1][:300]
+
+
+def run_part(part: str, settings: dict[str, Any], limit: float) -> dict[str, Any]:
+    """One row: `part` measured in a subprocess of this script, killed after `limit` s."""
+    command = [
+        sys.executable,
+        __file__,
+        f"--part={part}",
+        f"--part_settings={json.dumps(settings)}",
+    ]
+    status, output, seconds = timing.run_limited(command, _environment(settings), limit)
+    row = {"part": part, **settings, "status": status, "seconds": round(seconds, 1)}
+    found = [line for line in output.splitlines() if line.startswith("{")]
+    if status == "ok" and found:
+        row.update(json.loads(found[-1]))
+    elif status != "ok" and "timed out" not in status:
+        row["note"] = _last_line(output)
+    return row
 
 
 def run_main_part(settings: dict[str, Any], limit: float) -> dict[str, Any]:
@@ -216,7 +220,7 @@ def run_main_part(settings: dict[str, Any], limit: float) -> dict[str, Any]:
         rate = float(rate.group(1))
         row.update(train_img_per_s=rate, epoch_s=images / rate, cifar_epoch_s=50_000 / rate)
     elif status != "ok" and "timed out" not in status:
-        row["note"] = (output.strip().splitlines() or [""])[-1][:300]
+        row["note"] = _last_line(output)
     return row
 
 

@@ -56,7 +56,7 @@ def start_and_stop_at(args, workdir, min_step, stop_signal, while_frozen=None):
         last_logged = int(match.group(1))
         if last_logged >= min_step:
             process.send_signal(signal.SIGSTOP)
-            steps = saved_steps(workdir)
+            steps = checkpointing.complete_steps(workdir)
             if steps and max(steps) < last_logged:
                 break
             process.send_signal(signal.SIGCONT)
@@ -69,14 +69,6 @@ def start_and_stop_at(args, workdir, min_step, stop_signal, while_frozen=None):
     rest = process.stderr.read()
     process.wait(timeout=300)
     return last_logged, "".join(lines) + rest, process.returncode
-
-
-def saved_steps(workdir):
-    """Complete steps (Orbax renames a step's temporary folder to its number when done)."""
-    folder = workdir / "checkpoints"
-    return (
-        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-    )
 
 
 def final_arrays(workdir, step=STEPS):
@@ -132,7 +124,7 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
         evaluated = run_main(*eval_args(workdir, toy_folder), devices=1)
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
         assert json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == max(
-            saved_steps(workdir)
+            checkpointing.complete_steps(workdir)
         )
 
     last_logged, _, returncode = start_and_stop_at(
@@ -141,7 +133,7 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
     assert returncode == -signal.SIGKILL
     assert (workdir / "RUNNING.json").exists()  # Left by the killed run.
     assert not (workdir / "eval_results.json").exists()
-    latest = max(saved_steps(workdir))
+    latest = max(checkpointing.complete_steps(workdir))
     # Killed between checkpoints: the steps after `latest` are lost and must be redone.
     assert latest in (40, 60, 80) and latest < last_logged < STEPS
     resumed = run_main(*args)
@@ -177,7 +169,7 @@ def test_stream_input_sigkill_then_rerun_ends_bitwise_identical(
     # the orphaned grain workers (they share the pipe) have noticed and exited too.
     last_logged, _, returncode = start_and_stop_at(args, workdir, 45, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
-    latest = max(saved_steps(workdir))
+    latest = max(checkpointing.complete_steps(workdir))
     assert latest in (40, 60, 80) and latest < last_logged < STEPS
     state_file = workdir / "checkpoints" / str(latest) / "data_iterator" / "process_0-of-1.json"
     assert json.loads(state_file.read_text())["next_step"] == latest
@@ -201,7 +193,7 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_f
     assert match, stderr[-3000:]
     stopped_at = int(match.group(1))
     assert last_logged <= stopped_at < STEPS
-    assert stopped_at in saved_steps(workdir)
+    assert stopped_at in checkpointing.complete_steps(workdir)
     resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
@@ -212,7 +204,7 @@ def test_rerunning_a_finished_run_trains_no_further(reference_run, toy_folder):
     before = final_arrays(reference_run)
     again = run_main(*main_args(reference_run, toy_folder))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert saved_steps(reference_run)[-1] == STEPS
+    assert checkpointing.complete_steps(reference_run)[-1] == STEPS
     assert_bitwise_equal(final_arrays(reference_run), before)
 
 
@@ -232,7 +224,9 @@ def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_fold
     workdir = tmp_path / "copy"
     shutil.copytree(reference_run, workdir)
     (workdir / "eval_results.json").unlink()
-    for step in saved_steps(workdir):  # Evaluation must not need the optimizer state.
+    for step in checkpointing.complete_steps(
+        workdir
+    ):  # Evaluation must not need the optimizer state.
         shutil.rmtree(workdir / "checkpoints" / str(step) / "optimizer")
     result = run_main(*eval_args(workdir, toy_folder), devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -248,7 +242,7 @@ def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_fold
 def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(reference_run, workdir)
-    steps = saved_steps(workdir)
+    steps = checkpointing.complete_steps(workdir)
     # Saved: 40, 60 (evaluated), 80, 120 (evaluated). Kept: the latest 2, and the best by
     # eval top-1 (on a tie the newer step is the best, as Orbax's BestN sorts stably).
     top1 = logged_eval_top1(reference_run)
@@ -484,6 +478,6 @@ def test_a_resume_that_would_change_the_schedule_is_refused_unless_allowed(toy_f
         r"--config.allow_schedule_change=True",
     ):
         train.train_and_evaluate(longer, str(tmp_path))
-    assert saved_steps(tmp_path) == [8]
+    assert checkpointing.complete_steps(tmp_path) == [8]
     longer.allow_schedule_change = True
     assert train.train_and_evaluate(longer, str(tmp_path))["step"] == 16
