@@ -27,13 +27,18 @@ train() {  # train CONFIG WORKDIR [--config.key=value ...]
   python -m resnet_jax.main --config "$config" --workdir "$workdir" "$@"
 }
 
-# How the accuracy grows with the budget: ResNet-20, seed 0, 10 epochs.
-train configs/fashion_mnist.py "$runs/fmnist_resnet20_10ep_seed0" --config.num_epochs=10 --config.seed=0
-# Figure 6: plain against residual nets on the 10k-image subset.
+# Figure 6: plain against residual nets on the 10k-image subset, depth 20 first (half an
+# hour a run), then figure 7 and the gradient norms from their checkpoints; then depth 56
+# (about 1.5 hours a run) and both analyses over all four runs.
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
+  --workdir "$runs/degradation_fmnist" --depths 20
+python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist" \
+  --runs plain20,resnet20 --out "$runs/degradation_fmnist/layer_responses_20"
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
   --workdir "$runs/degradation_fmnist" --depths 20,56
-# Figure 7 and the gradient norms, from the four runs' checkpoints.
 python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist"
+# How the accuracy grows with the budget: ResNet-20, seed 0, 10 epochs.
+train configs/fashion_mnist.py "$runs/fmnist_resnet20_10ep_seed0" --config.num_epochs=10 --config.seed=0
 # The accuracy at the 30-epoch budget, three seeds.
 for seed in 0 1 2; do
   train configs/fashion_mnist.py "$runs/fmnist_resnet20_30ep_seed$seed" --config.seed="$seed"
