@@ -6,7 +6,8 @@
 # Rerunning it skips what finished (a workdir with eval_results.json, or a finished run of the
 # degradation experiment) and resumes a killed run from its last checkpoint, so it can be
 # stopped at any point and started again. Needs the image folder data/fashion_mnist
-# (scripts/export_idx.py, see configs/fashion_mnist.py). About 10 hours on 2 CPU cores.
+# (scripts/export_idx.py, see configs/fashion_mnist.py). About 6 hours on a 2-core EPYC VM
+# (the three 30-epoch runs take about an hour each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -27,9 +28,10 @@ train() {  # train CONFIG WORKDIR [--config.key=value ...]
   python -m resnet_jax.main --config "$config" --workdir "$workdir" "$@"
 }
 
-# Figure 6: plain against residual nets on the 10k-image subset, depth 20 first (half an
-# hour a run), then figure 7 and the gradient norms from their checkpoints; then depth 56
-# (about 1.5 hours a run) and both analyses over all four runs.
+# Figure 6: plain against residual nets on the 10k-image subset, depth 20 first (13 min a
+# run on a 2-core EPYC), then figure 7 and the gradient norms from their checkpoints, so a
+# stop before depth 56 still leaves both figures at depth 20; then depth 56 (35-45 min a
+# run) and both analyses over all four runs.
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
   --workdir "$runs/degradation_fmnist" --depths 20
 python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist" \
