@@ -42,6 +42,34 @@ def run_main(*args, devices=None, cwd=ROOT, timeout=600):
     return run_module("resnet_jax.main", *args, devices=devices, cwd=cwd, timeout=timeout)
 
 
+def freeze(process, timeout=30.0):
+    """SIGSTOPs `process` and returns once every one of its threads has stopped.
+
+    The signal is delivered asynchronously: until the kernel has stopped each thread, a
+    thread on the other core can still finish a write (a TensorBoard flush, a checkpoint
+    file), so what a test reads right after `send_signal` may still change.
+    """
+    process.send_signal(signal.SIGSTOP)
+    tasks = pathlib.Path(f"/proc/{process.pid}/task")
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [_thread_state(t) for t in tasks.iterdir()]
+        # Stopped, or gone (a thread that ended while the loop read the others).
+        if all(state in "tTZX" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {process.pid} did not stop: thread states {states}")
+        time.sleep(0.01)
+
+
+def _thread_state(task):
+    """A thread's state letter: the field after the bracketed command name of its stat."""
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "X"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import MAIN, ROOT, main_environment, run_main, tiny_state
+from helpers import MAIN, ROOT, freeze, main_environment, run_main, tiny_state
 
 from configs import smoke
 from resnet_jax import checkpointing, config_checks, evaluate, sharding, train
@@ -55,7 +55,7 @@ def start_and_stop_at(args, workdir, min_step, stop_signal, while_frozen=None):
             continue
         last_logged = int(match.group(1))
         if last_logged >= min_step:
-            process.send_signal(signal.SIGSTOP)
+            freeze(process)
             steps = checkpointing.complete_steps(workdir)
             if steps and max(steps) < last_logged:
                 break
