@@ -3,10 +3,12 @@
     python tests/stress_multiprocess.py --runs 30 --hogs 2
 
 Each run is the smoke config trained by two processes with two simulated devices each
-(jax.distributed over loopback, gloo collectives), logging every step and evaluating and
-saving often, so that train steps, evaluations, metric reads and asynchronous checkpoint
-saves interleave as much as they can. `--hogs` busy-looping processes keep every core
-loaded. A run that does not finish within --timeout has its stacks dumped (SIGUSR1) and
+(jax.distributed over loopback, gloo collectives), as tests/test_multiprocess.py trains
+it: 150 steps, logging every 25, evaluating and saving every 75, so that the host runs
+ahead of the devices between logs. `--log_every_steps=1 --eval_every_steps=7
+--checkpoint_every_steps=3` makes train steps, evaluations, metric reads and asynchronous
+saves interleave as much as they can instead. `--hogs` busy-looping processes keep every
+core loaded. A run that does not finish within --timeout has its stacks dumped (SIGUSR1) and
 is killed; the tail of both processes' output is printed. Not collected by pytest.
 """
 
@@ -33,7 +35,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--hogs", type=int, default=2, help="busy-looping processes")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--log_every_steps", type=int, default=25)
+    parser.add_argument("--eval_every_steps", type=int, default=75)
+    parser.add_argument("--checkpoint_every_steps", type=int, default=75)
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
     parser.add_argument(
         "--compilation_cache",
@@ -61,9 +66,9 @@ def main():
                     str(workdir),
                     f"--config.data_dir={folder}",
                     f"--config.num_train_steps={args.steps}",
-                    "--config.log_every_steps=1",
-                    "--config.eval_every_steps=7",
-                    "--config.checkpoint_every_steps=3",
+                    f"--config.log_every_steps={args.log_every_steps}",
+                    f"--config.eval_every_steps={args.eval_every_steps}",
+                    f"--config.checkpoint_every_steps={args.checkpoint_every_steps}",
                     "--config.keep_checkpoints=2",
                 ]
                 env = main_environment(2)
