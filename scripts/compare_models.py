@@ -3,8 +3,8 @@
     python scripts/compare_models.py --models resnet18,plain18,resnet56,densenet100 \
         --batch_size 64 --steps 3 --out docs
 
-CIFAR-100 shapes (32x32 images, 100 classes; --image_size changes the size) and random
-data: no dataset is needed. Each model is configs/default.py with `model.name` set (so
+CIFAR-100 shapes (32x32 images, 100 classes; --image_size and --num_classes change them)
+and random data: no dataset is needed. Each model is configs/default.py with `model.name` set (so
 resnet18 has the CIFAR stem, resnet56 shortcut A, densenet100 growth rate 12), trained
 by the project's own train step (steps.compile_train_step: SGD, state donated) on one device.
 A name may carry model options after a colon: `densenet100:memory_efficient` is
@@ -45,6 +45,7 @@ import os
 import pathlib
 import shlex
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -62,6 +63,7 @@ flags.DEFINE_integer("batch_size", 64, "Batch of the timed step; memory also at 
 flags.DEFINE_integer("steps", 3, "Timed steps per repeat.")
 flags.DEFINE_integer("repeats", 3, "Repeats of --steps steps; the median is reported.")
 flags.DEFINE_integer("image_size", 32, "Height and width of the random images.")
+flags.DEFINE_integer("num_classes", 100, "Classes of the models' last layer (CIFAR-100's 100).")
 flags.DEFINE_string("out", "docs", "Folder for model_comparison.{md,json} and figures/.")
 flags.DEFINE_bool(
     "cpu_remat",
@@ -114,6 +116,7 @@ def _config(spec: str):
         config.model[option] = True
     config.dataset = "cifar100"
     config.image_size = FLAGS.image_size
+    config.model.num_classes = FLAGS.num_classes
     config.batch_size = FLAGS.batch_size
     config.profile_num_steps = 0
     return config
@@ -223,18 +226,18 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
     )
     figure, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for axis, (title, values, fmt) in zip(axes.flat, panels, strict=True):
-        bars = axis.bar(names, values, color=colors)
+        # Options go on a second line ("densenet40\nmemory_efficient") so labels stay apart.
+        bars = axis.bar([n.replace(":", "\n") for n in names], values, color=colors)
         axis.bar_label(bars, [fmt.format(v) for v in values], padding=2, fontsize=9)
         axis.set_title(title, fontsize=11)
         axis.margins(y=0.18)
         axis.tick_params(axis="x", labelsize=9, rotation=20 if len(names) > 4 else 0)
         axis.spines[["top", "right"]].set_visible(False)
-    figure.suptitle(
-        f"Model comparison: {_description(result)}\n"
-        "XLA's buffer assignment for the compiled train step; throughput median of "
-        f"{result['repeats']} x {result['steps']} steps",
-        fontsize=10,
+    title = (
+        f"Model comparison: {_description(result)}. XLA's buffer assignment for the compiled "
+        f"train step; throughput median of {result['repeats']} x {result['steps']} steps"
     )
+    figure.suptitle(textwrap.fill(title, 110), fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
@@ -246,6 +249,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.batch_size < 2:
         raise app.UsageError("--batch_size must be at least 2 (memory is also compiled at half).")
+    if FLAGS.num_classes < 1 or FLAGS.image_size < 1:
+        raise app.UsageError("--num_classes and --image_size must be positive.")
     for spec in FLAGS.models:
         model_spec(spec)
     cli.quiet_libraries()
@@ -255,7 +260,7 @@ def main(argv: list[str]) -> None:
     result: dict[str, Any] = {
         "batch_size": FLAGS.batch_size,
         "image_size": FLAGS.image_size,
-        "num_classes": 100,
+        "num_classes": FLAGS.num_classes,
         "steps": FLAGS.steps,
         "repeats": FLAGS.repeats,
         "device_kind": device.device_kind,

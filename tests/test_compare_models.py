@@ -27,6 +27,7 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
             "--steps=1",
             "--repeats=1",
             "--image_size=8",
+            "--num_classes=10",
             f"--out={tmp_path}",
             "--cpu_remat",
         ],
@@ -39,7 +40,7 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "model_comparison.json").read_text()) == data
-    assert (data["batch_size"], data["image_size"], data["num_classes"]) == (4, 8, 100)
+    assert (data["batch_size"], data["image_size"], data["num_classes"]) == (4, 8, 10)
     assert data["cpu_remat"] is True
     rows = {row["model"]: row for row in data["models"]}
     assert tuple(rows) == MODELS
@@ -50,6 +51,7 @@ def test_compare_models_writes_consistent_json_table_and_png(tmp_path):
         config.model.name, *options = name.split(":")
         config.model.memory_efficient = options == ["memory_efficient"]
         config.image_size = 8
+        config.model.num_classes = 10  # The last layer's size: params differ from 100's.
         info = summary.model_summary(config)
         assert row["params"] == info["total_params"]
         assert row["gflop_per_example"] == info["flops_per_example"] / 1e9
