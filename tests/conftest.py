@@ -52,25 +52,3 @@ def cifar(tmp_path_factory):
     written = write_cifar100_archive(root / "manual", num_train=64, num_test=37, seed=3)
     prepare_cifar100(root / "data", root / "manual")
     return root, written
-
-
-# The files that take longest, run first. With `--dist loadfile` (pyproject.toml) a file
-# runs whole on one worker, taken in collection order; one of these started last would
-# leave the other worker idle for minutes at the end. Seconds on a 2-core VM (2026-12-02):
-# checkpoints ~200, readme ~180, multiprocess ~100, then ~50-65 each.
-_LONGEST_FIRST = (
-    "test_checkpoints.py",
-    "test_readme.py",
-    "test_multiprocess.py",
-    "test_benchmark.py",
-    "test_device_check.py",
-    "test_torch_import.py",
-    "test_compile_cache.py",
-    "test_train.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    # A stable sort: the other files, and the tests within each file, keep their order.
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
