@@ -6,6 +6,7 @@ experiments are such folds. `checkpoint_state` reads a checkpoint's model (no op
 onto whatever devices this machine has, and `evaluate_checkpoint` is `--mode=eval`.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from absl import logging
 from etils import epath
 
 from resnet_jax import checkpointing, config_checks, data, sharding, steps
-from resnet_jax.models import create_model
+from resnet_jax.models import create_model, validate_model_config
 
 # --mode=eval writes WORKDIR/evaluations/step_<N>.json: one file per evaluated step.
 EVALUATIONS_DIR = "evaluations"
@@ -107,6 +108,75 @@ def restore_model(
             step, manager.directory, f"is corrupt: {e}", manager.all_steps()
         ) from e
     return variables
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A checkpoint's model on one device, with what is needed to feed it images.
+
+    `preprocessing` is the evaluation's (image_size, resize_size, mean, std) as stored
+    with the checkpoint; `class_names` has one name per output (placeholders when the run
+    recorded none).
+    """
+
+    model: nn.Module
+    variables: dict[str, Any]
+    config: ml_collections.ConfigDict
+    step: int
+    directory: epath.Path
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_trained_model(workdir: str | epath.Path, which: str = "latest") -> TrainedModel:
+    """The model of checkpoint `which` (latest, best or a step) of `workdir`, on one device.
+
+    Settings come from the checkpoint's own record of its config, not from a config file.
+
+    Raises:
+      CheckpointError: no checkpoint, or none that `which` names.
+      UnusableStepError: the step is corrupt or records an invalid model.
+    """
+    manager, step = open_checkpoint(checkpointing.absolute_workdir(workdir), which)
+    try:
+        meta = checkpointing.read_meta(manager, step)
+    except checkpointing.CorruptCheckpointError as e:
+        raise checkpointing.UnusableStepError(
+            step, manager.directory, f"is unusable: {e}", manager.all_steps()
+        ) from e
+    config = ml_collections.ConfigDict(meta["config"])
+    try:
+        validate_model_config(config.model)
+    except ValueError as e:
+        raise checkpointing.UnusableStepError(
+            step, manager.directory, f"records an invalid model: {e}", manager.all_steps()
+        ) from e
+    num_classes = meta["shapes"]["params/fc/bias"][0]
+    preprocessing = meta.get("preprocessing") or data.preprocessing(config)
+    names = meta.get("class_names") or []
+    if len(names) != num_classes:
+        names = [f"class {i}" for i in range(num_classes)]
+    model = create_model(config.model, num_classes, config.half_precision)
+    variables = restore_model(
+        manager,
+        step,
+        model,
+        preprocessing["image_size"],
+        jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+    )
+    return TrainedModel(
+        model=model,
+        variables=variables,
+        config=config,
+        step=step,
+        directory=epath.Path(manager.directory),
+        preprocessing=preprocessing,
+        class_names=list(names),
+    )
 
 
 def checkpoint_state(

@@ -29,11 +29,9 @@ from resnet_jax import cli, data  # isort: skip
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from resnet_jax import checkpointing, compile_options, evaluate
-from resnet_jax.models import create_model, validate_model_config
+from resnet_jax import compile_options, evaluate
 
 FLAGS = flags.FLAGS
 
@@ -54,45 +52,19 @@ class Classifier:
     """A checkpoint's model with its preprocessing and class names, ready to classify."""
 
     def __init__(self, workdir: str, which: str = "latest"):
-        manager, self.step = evaluate.open_checkpoint(
-            checkpointing.absolute_workdir(workdir), which
-        )
-        try:
-            meta = checkpointing.read_meta(manager, self.step)
-        except checkpointing.CorruptCheckpointError as e:
-            raise checkpointing.UnusableStepError(
-                self.step, manager.directory, f"is unusable: {e}", manager.all_steps()
-            ) from e
-        config = ml_collections.ConfigDict(meta["config"])
-        try:
-            validate_model_config(config.model)
-        except ValueError as e:
-            raise checkpointing.UnusableStepError(
-                self.step, manager.directory, f"records an invalid model: {e}", manager.all_steps()
-            ) from e
-        num_classes = meta["shapes"]["params/fc/bias"][0]
-        self.preprocessing = meta.get("preprocessing") or data.preprocessing(config)
-        names = meta.get("class_names") or []
-        if len(names) != num_classes:
-            names = [f"class {i}" for i in range(num_classes)]
-        self.class_names = list(names)
-        model = create_model(config.model, num_classes, config.half_precision)
-        variables = evaluate.restore_model(
-            manager,
-            self.step,
-            model,
-            self.preprocessing["image_size"],
-            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
-        )
+        trained = evaluate.load_trained_model(workdir, which)
+        self.step, self.class_names = trained.step, trained.class_names
+        self.preprocessing = trained.preprocessing
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
-        k = min(TOP_K, num_classes)
+        k = min(TOP_K, trained.num_classes)
 
         # Checkpoints written before cpu_convolutions existed get the default.
-        options = compile_options.cpu_options(config.get("cpu_convolutions", "eigen"))
+        options = compile_options.cpu_options(trained.config.get("cpu_convolutions", "eigen"))
 
         @functools.partial(jax.jit, compiler_options=options)
         def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-            logits = model.apply(variables, data.normalize(images, mean, std), train=False)
+            inputs = data.normalize(images, mean, std)
+            logits = trained.model.apply(trained.variables, inputs, train=False)
             return jax.lax.top_k(jax.nn.softmax(logits), k)
 
         self._top_k = top_k

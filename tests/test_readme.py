@@ -43,12 +43,30 @@ def readme_commands(module="main"):
     return commands
 
 
+def readme_scripts(name):
+    """The README's `python scripts/<name> ...` commands, as argument lists."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith(f"python scripts/{name} ")]
+
+
+def serving_snippet():
+    """The README's python block that loads each exported format into `probs`."""
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+        if "export.deserialize" in b
+    ]
+    return block
+
+
 COMMANDS = readme_commands()
 PREDICTS = readme_commands("predict")
 IMPORTS = readme_commands("import_torch")
 REPORTS = readme_commands("report")
 DEGRADATIONS = readme_commands("experiments.degradation")
 LAYER_RESPONSES = readme_commands("experiments.layer_responses")
+EXPORTS = readme_commands("export")
 
 
 def test_the_readme_has_the_commands_this_file_runs():
@@ -58,12 +76,14 @@ def test_the_readme_has_the_commands_this_file_runs():
     assert any("--mode=summary" in c for c in COMMANDS)
     assert len(PREDICTS) == 2 and len(IMPORTS) == 1
     assert len(REPORTS) == 1 and len(DEGRADATIONS) == 1 and len(LAYER_RESPONSES) == 1
+    assert len(EXPORTS) == 1
 
 
 @pytest.fixture(scope="module")
 def user_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user")
     (folder / "configs").symlink_to(ROOT / "configs")
+    (folder / "scripts").symlink_to(ROOT / "scripts")
     return folder
 
 
@@ -162,6 +182,34 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
     assert summary["top1"] == pytest.approx(trained["top1"], abs=1e-6)
     assert len(summary["per_class"]) == 100 and summary["per_class"][7]["class"] == "fine_07"
     assert sum(row["examples"] for row in summary["per_class"]) == 37
+
+    # Export, as written, then the StableHLO loader and the loading snippets on photo.jpg:
+    # each gives predict's top-1 (and the loader its top 5, same order, same probabilities).
+    (export,) = EXPORTS
+    run_as_written(export, user_dir, module="export")
+    predicted = run_as_written(["--json", *predict], user_dir, module="predict")
+    top5 = json.loads(predicted.stdout)["top5"]
+    (serve,) = readme_scripts("serve_stablehlo.py")
+    served = subprocess.run(
+        [sys.executable, *serve], cwd=user_dir, capture_output=True, text=True, timeout=300
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    served = json.loads(served.stdout)["top5"]
+    assert [e["class"] for e in served] == [e["class"] for e in top5]
+    assert [e["prob"] for e in served] == pytest.approx([e["prob"] for e in top5], abs=1e-4)
+    # Each format's snippet, its top-1 printed after it.
+    prelude = (
+        "import numpy as np\nfrom PIL import Image\n"
+        "images = np.asarray(Image.open('photo.jpg').convert('RGB').resize((32, 32), "
+        "Image.Resampling.BILINEAR))[None]\n"
+    )
+    parts = re.split(r"\n(?=# )", serving_snippet().strip())
+    script = prelude + "".join(f"{part}\nprint(int(np.argmax(probs[0])))\n" for part in parts)
+    ran = subprocess.run(
+        [sys.executable, "-c", script], cwd=user_dir, capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.split() == [str(top5[0]["label"])] * 4
 
     (folder,) = [c for c in trains if "image_folder" in " ".join(c)]
     folder = [arg.replace("PATH", str(toy_folder)) for arg in folder]

@@ -75,7 +75,7 @@ class Transition(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn")(x)
         x = conv(self.features, 1, 1, self.dtype, "conv")(nn.relu(x))
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
 class DenseNet(nn.Module):

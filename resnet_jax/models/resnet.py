@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -93,7 +94,9 @@ class _Block(nn.Module):
         if self.shortcut == "A":
             # Option A: no parameters. Subsample spatially, pad the new channels with
             # zeros on both sides (as the PyTorch CIFAR ResNets do, so weights carry over).
-            x = x[:, :: self.strides, :: self.strides, :]
+            # A strided slice, not x[:, ::s, ::s]: with a symbolic batch size (export)
+            # indexing becomes a gather, which TFLite cannot convert.
+            x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
             extra = out_channels - in_channels
             x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
         else:
@@ -176,7 +179,10 @@ class ResNet(nn.Module):
         x = _batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype, name="bn1")(x)
         x = nn.relu(x)
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            # Padding after the ReLU (x >= 0) with zeros equals max_pool's -inf padding;
+            # written out because the ONNX converter drops max_pool's explicit padding.
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
         for stage, (num_blocks, filters) in enumerate(zip(self.stage_sizes, widths, strict=True)):
             for index in range(num_blocks):
                 x = self.block_cls(
