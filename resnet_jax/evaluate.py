@@ -40,8 +40,12 @@ def eval_loop(
     """
     local_batch = sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     num_batches, batches = inputs.eval_batches(local_batch)
+    wait_each_step = sharding.host_waits_for_each_step()
     for index, batch in enumerate(batches):
-        carry = step_fn(state, carry, sharding.global_batch(batch, mesh))
+        batch = sharding.global_batch(batch, mesh)
+        if wait_each_step:
+            jax.block_until_ready(carry)
+        carry = step_fn(state, carry, batch)
         if on_batch is not None:
             on_batch(index + 1, num_batches)
     return carry

@@ -157,9 +157,9 @@ def write_stablehlo(serve: Callable, image_size: int, path: pathlib.Path) -> Non
     path.write_bytes(exported.serialize())
 
 
-def run_stablehlo(path: pathlib.Path, images: np.ndarray) -> np.ndarray:
+def load_stablehlo(path: pathlib.Path) -> Callable[[np.ndarray], np.ndarray]:
     exported = jax.export.deserialize(bytearray(path.read_bytes()))
-    return np.asarray(exported.call(images))
+    return lambda images: np.asarray(exported.call(images))
 
 
 def write_onnx(serve: Callable, image_size: int, path: pathlib.Path, output_name: str) -> None:
@@ -182,11 +182,11 @@ def write_onnx(serve: Callable, image_size: int, path: pathlib.Path, output_name
     path.write_bytes(model.SerializeToString())
 
 
-def run_onnx(path: pathlib.Path, images: np.ndarray) -> np.ndarray:
+def load_onnx(path: pathlib.Path) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"images": images})[0]
+    return lambda images: session.run(None, {"images": images})[0]
 
 
 def write_savedmodel(
@@ -212,12 +212,16 @@ def write_savedmodel(
     tf.saved_model.save(module, str(path), signatures={"serving_default": serving_default})
 
 
-def run_savedmodel(path: pathlib.Path, images: np.ndarray) -> np.ndarray:
+def load_savedmodel(path: pathlib.Path) -> Callable[[np.ndarray], np.ndarray]:
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-    (result,) = signature(images=tf.constant(images)).values()
-    return result.numpy()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        (result,) = signature(images=tf.constant(images)).values()
+        return result.numpy()
+
+    return run
 
 
 def write_tflite(saved_model: pathlib.Path, path: pathlib.Path) -> None:
@@ -237,21 +241,29 @@ def tflite_interpreter(path: pathlib.Path) -> Any:
     return Interpreter(model_path=str(path))
 
 
-def run_tflite(path: pathlib.Path, images: np.ndarray) -> np.ndarray:
+def load_tflite(path: pathlib.Path) -> Callable[[np.ndarray], np.ndarray]:
     interpreter = tflite_interpreter(path)
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.resize_tensor_input(index, images.shape)
     interpreter.allocate_tensors()
-    interpreter.set_tensor(index, images)
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    index = interpreter.get_input_details()[0]["index"]
+    output = interpreter.get_output_details()[0]["index"]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
+            interpreter.resize_tensor_input(index, images.shape)
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+        return interpreter.get_tensor(output).copy()
+
+    return run
 
 
-RUNNERS = {
-    "stablehlo": run_stablehlo,
-    "onnx": run_onnx,
-    "savedmodel": run_savedmodel,
-    "tflite": run_tflite,
+# Each format's runtime: load the artifact once, then call it on uint8 image batches.
+LOADERS = {
+    "stablehlo": load_stablehlo,
+    "onnx": load_onnx,
+    "savedmodel": load_savedmodel,
+    "tflite": load_tflite,
 }
 
 
@@ -265,11 +277,12 @@ def check_artifact(
     """
     rng = np.random.default_rng(seed)
     reference = jax.jit(serve)
+    run = LOADERS[fmt](path)
     worst = 0.0
     for batch in CHECK_BATCH_SIZES:
         images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
         expected = np.asarray(reference(images))
-        got = np.asarray(RUNNERS[fmt](path, images))
+        got = np.asarray(run(images))
         if got.shape != expected.shape:
             raise ExportError(
                 f"The {fmt} export returned shape {got.shape} for {batch} images, expected "
@@ -349,7 +362,7 @@ def metadata(
 def _claim_out(out: pathlib.Path, overwrite: bool) -> None:
     """Refuses an --out that holds something, unless `overwrite`."""
     if out.is_file() or out.is_symlink():
-        raise ExportError(f"--out={out} is a file; give a folder to create.")
+        raise ExportError(f"--out={out} is a file or a link; give a folder to create.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(
             f"--out={out} already exists and is not empty. Choose another folder, or pass "
@@ -366,6 +379,37 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
     staging.rename(out)
     if old is not None:
         shutil.rmtree(old)
+
+
+def _write(
+    fmt: str, serve: Callable, size: int, path: pathlib.Path, outputs: str, with_savedmodel: bool
+) -> None:
+    """Writes the `fmt` artifact at `path`; a converter's failure becomes an ExportError."""
+    try:
+        if fmt == "stablehlo":
+            write_stablehlo(serve, size, path)
+        elif fmt == "onnx":
+            write_onnx(serve, size, path, outputs)
+        elif fmt == "savedmodel":
+            write_savedmodel(serve, size, path, outputs)
+        else:
+            # TFLite converts the SavedModel: the exported one, or one made for it here.
+            saved_model = path.with_name(FILES["savedmodel"])
+            if not with_savedmodel:
+                saved_model = path.with_name(".saved_model_for_tflite")
+                write_savedmodel(serve, size, saved_model, outputs)
+            write_tflite(saved_model, path)
+            if not with_savedmodel:
+                shutil.rmtree(saved_model)
+    except (OSError, ExportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - converters raise many kinds; each is reported.
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise ExportError(
+            f"The {fmt} converter failed on this model ({type(e).__name__}: {lines[0][:300]}); "
+            "nothing was written to --out. The other formats may still export: leave "
+            f"{fmt} out of --format."
+        ) from e
 
 
 def export(
@@ -399,23 +443,11 @@ def export(
     except OSError as e:
         raise ExportError(f"Cannot write to {out.parent} ({e}): choose another --out.") from e
     try:
+        staging.chmod(0o755)  # mkdtemp's folder is private; an export is meant to be shared.
         differences = {}
         for fmt in formats:
             path = staging / FILES[fmt]
-            if fmt == "stablehlo":
-                write_stablehlo(serve, size, path)
-            elif fmt == "onnx":
-                write_onnx(serve, size, path, outputs)
-            elif fmt == "savedmodel":
-                write_savedmodel(serve, size, path, outputs)
-            else:
-                saved_model = staging / FILES["savedmodel"]
-                if "savedmodel" not in formats:
-                    saved_model = staging / ".saved_model_for_tflite"
-                    write_savedmodel(serve, size, saved_model, outputs)
-                write_tflite(saved_model, path)
-                if "savedmodel" not in formats:
-                    shutil.rmtree(saved_model)
+            _write(fmt, serve, size, path, outputs, "savedmodel" in formats)
             differences[fmt] = check_artifact(fmt, path, serve, size)
             print(f"{fmt}: {path.name} (largest difference from JAX {differences[fmt]:.2g})")
         meta = metadata(trained, which, outputs, formats, differences)

@@ -22,6 +22,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def host_waits_for_each_step() -> bool:
+    """Whether the host waits for each compiled step before it dispatches the next.
+
+    Only on CPU devices, and only with more than one: XLA:CPU runs a multi-device
+    program's collectives with one thread per device, and with many such programs queued
+    on a loaded machine the threads of two programs can wait on each other until XLA
+    aborts ("Termination timeout for all reduce"). Two processes of two devices each hung
+    in 5 of 11 runs and one process of four devices aborted in 3 of 35; waiting for each
+    step, neither happened in 12 and 35 runs (docs/results.md, "The hang that remained"
+    and "One process, four devices").
+    Accelerators keep jax's asynchronous dispatch.
+    """
+    return jax.device_count() > 1 and jax.default_backend() == "cpu"
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 

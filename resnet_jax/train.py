@@ -39,19 +39,6 @@ from resnet_jax.models import create_model
 PREEMPTED_EXIT_STATUS = 128 + int(signal.SIGTERM)
 
 
-def _waits_for_each_step() -> bool:
-    """Whether the host waits for each train step before it dispatches the next.
-
-    Only with several processes on CPU devices (gloo collectives), where XLA:CPU can
-    deadlock when many multi-device programs are queued: two processes of two devices each
-    on a loaded 2-core machine hung in 5 of 11 runs that logged every 25 steps, and in none
-    of 12 that waited for each step (tests/stress_multiprocess.py; docs/results.md, "Two
-    processes on a loaded machine"). The next batch is drawn before the wait, so input
-    still overlaps the step. Accelerators keep jax's asynchronous dispatch.
-    """
-    return jax.process_count() > 1 and jax.default_backend() == "cpu"
-
-
 def _check_finite(first: int, last_step: int) -> None:
     """Raises FloatingPointError if `first` (a first non-finite step) names a step."""
     if first != steps.NO_STEP:
@@ -302,7 +289,7 @@ def _train_and_evaluate(
         checkpointing.save(manager, state, config, run_meta, eval_results, saved_iterator)
 
     train_metrics = steps.empty_metrics(steps.TrainMetrics, mesh)
-    wait_each_step = _waits_for_each_step()
+    wait_each_step = sharding.host_waits_for_each_step()
     eval_results: dict[str, Any] = {}
     interval_start, interval_step = time.perf_counter(), start_step
     with _StopRequest(manager) as stop_requested:

@@ -1,10 +1,12 @@
-"""Stress reproduction for multi-process hangs: many short two-process runs, CPU saturated.
+"""Stress reproduction for multi-device hangs on CPU: many short runs, CPU saturated.
 
     python tests/stress_multiprocess.py --runs 30 --hogs 2
+    python tests/stress_multiprocess.py --processes 1 --profile_num_steps 3 --runs 30
 
 Each run is the smoke config trained by two processes with two simulated devices each
 (jax.distributed over loopback, gloo collectives), as tests/test_multiprocess.py trains
-it: 150 steps, logging every 25, evaluating and saving every 75, so that the host runs
+it, or with `--processes 1` by one process with four, as tests/test_train.py's smoke run
+does: 150 steps, logging every 25, evaluating and saving every 75, so that the host runs
 ahead of the devices between logs. `--log_every_steps=1 --eval_every_steps=7
 --checkpoint_every_steps=3` makes train steps, evaluations, metric reads and asynchronous
 saves interleave as much as they can instead. `--hogs` busy-looping processes keep every
@@ -23,7 +25,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from data_fixtures import write_image_folder  # noqa: E402
-from helpers import distributed_commands, main_environment, run_processes  # noqa: E402
+from helpers import MAIN, distributed_commands, main_environment, run_processes  # noqa: E402
 
 
 def _hog():
@@ -39,6 +41,10 @@ def main():
     parser.add_argument("--log_every_steps", type=int, default=25)
     parser.add_argument("--eval_every_steps", type=int, default=75)
     parser.add_argument("--checkpoint_every_steps", type=int, default=75)
+    parser.add_argument(
+        "--processes", type=int, default=2, choices=(1, 2), help="2 of 2 devices, or 1 of 4"
+    )
+    parser.add_argument("--profile_num_steps", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
     parser.add_argument(
         "--compilation_cache",
@@ -70,8 +76,9 @@ def main():
                     f"--config.eval_every_steps={args.eval_every_steps}",
                     f"--config.checkpoint_every_steps={args.checkpoint_every_steps}",
                     "--config.keep_checkpoints=2",
+                    f"--config.profile_num_steps={args.profile_num_steps}",
                 ]
-                env = main_environment(2)
+                env = main_environment(4 // args.processes)
                 if args.compilation_cache:
                     env.update(
                         JAX_COMPILATION_CACHE_DIR=str(workdir / "compilation_cache"),
@@ -79,9 +86,11 @@ def main():
                         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
                     )
                 start = time.monotonic()
-                finished, timed_out = run_processes(
-                    distributed_commands(main_args), env=env, timeout=args.timeout
-                )
+                if args.processes == 1:
+                    commands = [[*MAIN, *main_args]]
+                else:
+                    commands = distributed_commands(main_args)
+                finished, timed_out = run_processes(commands, env=env, timeout=args.timeout)
                 seconds = time.monotonic() - start
                 ok = not timed_out and all(f.returncode == 0 for f in finished)
                 outcome = "passed" if ok else ("timed out" if timed_out else "failed")

@@ -87,8 +87,10 @@ def test_every_format_equals_predict_on_image_files(exported, images):
     pixels = np.stack([classifier.read(path) for path in images])
     expected = classifier.classify(pixels, batch_size=8)
     for fmt in export.FORMATS:
-        for batch in (1, len(images)):
-            probs = export.RUNNERS[fmt](out / export.FILES[fmt], pixels[:batch])
+        run = export.LOADERS[fmt](out / export.FILES[fmt])
+        # The larger batch first: a runtime that keeps buffers must resize them.
+        for batch in (len(images), 1):
+            probs = run(pixels[:batch])
             assert probs.shape == (batch, len(CLASSES)) and probs.dtype == np.float32, fmt
             for row, top in zip(probs, expected[:batch], strict=True):
                 # 4 classes: predict's top 5 is every class, best first.
@@ -118,6 +120,7 @@ def test_model_json_describes_the_run(exported):
     assert sorted(p.name for p in out.iterdir()) == sorted([*export.FILES.values(), "model.json"])
     for fmt, difference in meta["check"]["max_abs_difference"].items():
         assert 0 <= difference <= export.TOLERANCE, fmt
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by the server's user
     # No staging or temporary folder is left beside the export.
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
@@ -128,8 +131,8 @@ def test_logits_are_the_probabilities_before_softmax(exported, tmp_path):
     meta = export.export(str(workdir), "latest", ["stablehlo"], logits_out, outputs="logits")
     assert meta["output"]["name"] == "logits" and meta["files"] == {"stablehlo": "model.stablehlo"}
     pixels = np.random.default_rng(0).integers(0, 256, (4, *meta["input"]["shape"][1:]), np.uint8)
-    logits = export.run_stablehlo(logits_out / "model.stablehlo", pixels)
-    probs = export.run_stablehlo(out / "model.stablehlo", pixels)
+    logits = export.load_stablehlo(logits_out / "model.stablehlo")(pixels)
+    probs = export.load_stablehlo(out / "model.stablehlo")(pixels)
     np.testing.assert_allclose(jax.nn.softmax(logits), probs, atol=1e-6)
     assert np.abs(logits).max() > 0.1  # logits, not probabilities again
 
@@ -228,11 +231,54 @@ def test_failed_check_keeps_the_previous_export(exported, monkeypatch, tmp_path)
     export.export(str(workdir), "latest", ["stablehlo"], out)
     before = (out / "model.json").read_text()
 
-    def wrong(path, images):
-        return np.zeros((len(images), len(CLASSES)), np.float32)
+    def wrong(path):
+        return lambda images: np.zeros((len(images), len(CLASSES)), np.float32)
 
-    monkeypatch.setitem(export.RUNNERS, "stablehlo", wrong)
+    monkeypatch.setitem(export.LOADERS, "stablehlo", wrong)
     with pytest.raises(export.ExportError, match="differs from the JAX model"):
         export.export(str(workdir), "latest", ["stablehlo"], out, overwrite=True)
     assert (out / "model.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["served"]
+
+
+def test_serving_benchmark_times_every_format(exported, tmp_path, monkeypatch, capsys):
+    _, _, out, _ = exported
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import serving_benchmark
+
+    json_out = tmp_path / "serving.json"
+    argv = ["serving_benchmark.py", str(out), "--batch_sizes=1,2", "--repeats=2"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"--json_out={json_out}"])
+    assert serving_benchmark.main() == 0
+    printed = capsys.readouterr().out.splitlines()
+    result = json.loads(printed[-1])
+    assert json.loads(json_out.read_text()) == result
+    assert [(row["format"], row["batch_size"]) for row in result["rows"]] == [
+        (fmt, batch) for fmt in export.FORMATS for batch in (1, 2)
+    ]
+    for row in result["rows"]:
+        assert row["img_per_s"] == pytest.approx(
+            row["batch_size"] / row["ms_per_batch"] * 1e3, rel=0.01
+        )
+    assert len(printed) == 2 + len(result["rows"]) + 1  # title, header, rows, JSON
+
+
+def test_a_converter_failure_is_one_line_and_leaves_nothing(monkeypatch, tmp_path):
+    workdir = tmp_path / "run"
+    save_run(workdir, "resnet8", 16, width_multiplier=0.25)
+
+    def unsupported(*args):
+        raise NotImplementedError("No ONNX handler for primitive 'fancy_op'\nmore detail")
+
+    monkeypatch.setattr(export, "write_onnx", unsupported)
+    with pytest.raises(export.ExportError) as error:
+        export.export(str(workdir), "latest", ["stablehlo", "onnx"], tmp_path / "out")
+    assert str(error.value) == (
+        "The onnx converter failed on this model (NotImplementedError: No ONNX handler for "
+        "primitive 'fancy_op'); nothing was written to --out. The other formats may still "
+        "export: leave onnx out of --format."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(export.ExportError, match="is a file or a link; give a folder"):
+        export.export(str(workdir), "latest", ["stablehlo"], tmp_path / "taken")
