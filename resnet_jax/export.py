@@ -267,33 +267,42 @@ LOADERS = {
 }
 
 
+def check_batches(
+    serve: Callable, image_size: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(random uint8 images, the JAX model's outputs) at each of CHECK_BATCH_SIZES."""
+    rng = np.random.default_rng(seed)
+    reference = jax.jit(serve)
+    batches = []
+    for batch in CHECK_BATCH_SIZES:
+        images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+        batches.append((images, np.asarray(reference(images))))
+    return batches
+
+
 def check_artifact(
-    fmt: str, path: pathlib.Path, serve: Callable, image_size: int, seed: int = 0
+    fmt: str, path: pathlib.Path, batches: list[tuple[np.ndarray, np.ndarray]]
 ) -> float:
-    """The largest |artifact - JAX| over random images at CHECK_BATCH_SIZES.
+    """The largest |artifact - JAX| over `batches` (from check_batches).
 
     Raises:
       ExportError: the difference exceeds TOLERANCE x max(1, largest |JAX output|).
     """
-    rng = np.random.default_rng(seed)
-    reference = jax.jit(serve)
     run = LOADERS[fmt](path)
     worst = 0.0
-    for batch in CHECK_BATCH_SIZES:
-        images = rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
-        expected = np.asarray(reference(images))
+    for images, expected in batches:
         got = np.asarray(run(images))
         if got.shape != expected.shape:
             raise ExportError(
-                f"The {fmt} export returned shape {got.shape} for {batch} images, expected "
-                f"{expected.shape}; nothing was written to --out."
+                f"The {fmt} export returned shape {got.shape} for {len(images)} images, "
+                f"expected {expected.shape}; nothing was written to --out."
             )
         difference = float(np.max(np.abs(got - expected)))
         limit = TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
         if not difference <= limit:
             raise ExportError(
                 f"The {fmt} export differs from the JAX model by {difference:.3g} (more than "
-                f"{limit:.3g}) on {batch} random images; nothing was written to --out."
+                f"{limit:.3g}) on {len(images)} random images; nothing was written to --out."
             )
         worst = max(worst, difference)
     return worst
@@ -444,11 +453,12 @@ def export(
         raise ExportError(f"Cannot write to {out.parent} ({e}): choose another --out.") from e
     try:
         staging.chmod(0o755)  # mkdtemp's folder is private; an export is meant to be shared.
+        batches = check_batches(serve, size)
         differences = {}
         for fmt in formats:
             path = staging / FILES[fmt]
             _write(fmt, serve, size, path, outputs, "savedmodel" in formats)
-            differences[fmt] = check_artifact(fmt, path, serve, size)
+            differences[fmt] = check_artifact(fmt, path, batches)
             print(f"{fmt}: {path.name} (largest difference from JAX {differences[fmt]:.2g})")
         meta = metadata(trained, which, outputs, formats, differences)
         (staging / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
