@@ -159,6 +159,18 @@ def config_error(error: Exception) -> str:
     )
 
 
+def define_checkpoint_flag(
+    help_text: str = "Which checkpoint: latest, best or a step number.",
+) -> None:
+    """--checkpoint for the commands that read one; checked when the flags are parsed."""
+    flags.DEFINE_string("checkpoint", "latest", help_text)
+    flags.register_validator(
+        "checkpoint",
+        lambda value: value in ("latest", "best") or value.isdigit(),
+        message="must be latest, best or a step number",
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with problems of --config reported as one line instead of a traceback.
 

@@ -78,7 +78,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
-    flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best or a step number.")
+    cli.define_checkpoint_flag()
     flags.DEFINE_string(
         "format", None, f"What to write: {', '.join(FORMATS)}, a comma-separated list, or all."
     )
@@ -474,10 +474,6 @@ def main(argv: list[str]) -> None:
     cli.start_command()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if FLAGS.checkpoint not in ("latest", "best") and not FLAGS.checkpoint.isdigit():
-        raise app.UsageError(
-            f"--checkpoint={FLAGS.checkpoint} must be latest, best or a step number."
-        )
 
     def run() -> None:
         formats = parse_formats(FLAGS.format)

@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
-    flags.DEFINE_string("checkpoint", "latest", "Which checkpoint: latest, best or a step number.")
+    cli.define_checkpoint_flag()
     flags.DEFINE_bool("json", False, "One JSON object per line per image.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
     flags.mark_flag_as_required("workdir")
@@ -162,10 +162,6 @@ def main(argv: list[str]) -> None:
     cli.start_command()
     if len(argv) < 2:
         raise app.UsageError("Give one or more image files (or folders) to classify.")
-    if FLAGS.checkpoint not in ("latest", "best") and not FLAGS.checkpoint.isdigit():
-        raise app.UsageError(
-            f"--checkpoint={FLAGS.checkpoint} must be latest, best or a step number."
-        )
     if FLAGS.batch_size <= 0:
         raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be positive.")
     paths = expand_paths(argv[1:])

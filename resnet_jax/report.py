@@ -51,7 +51,7 @@ def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     flags.DEFINE_string("workdir", None, "Directory of the run.")
     flags.DEFINE_string("out", None, "Where to write the report (default: WORKDIR/report).")
-    flags.DEFINE_string("checkpoint", "latest", "Checkpoint to evaluate: latest, best or a step.")
+    cli.define_checkpoint_flag("Checkpoint to evaluate: latest, best or a step.")
     flags.DEFINE_bool("curves_only", False, "Only the curves; no evaluation, no confusion matrix.")
     config_flags.DEFINE_config_file(
         "config",

@@ -120,6 +120,13 @@ def test_bad_input_is_one_line(tmp_path, trained):
     result = run_report("--workdir", str(workdir), "--checkpoint=7", f"--out={tmp_path / 'r'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "7" in result.stderr.splitlines()[-1]
+    # A --checkpoint that names no step is refused when the flags are parsed.
+    result = run_report("--workdir", str(workdir), "--checkpoint=lastest")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-2:] == [
+        "error: flag --checkpoint=lastest: must be latest, best or a step number",
+        "See --help for the flags.",
+    ]
     # Curves alone need no checkpoint and no dataset.
     summary = report.write_report(workdir, tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
