@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from resnet_jax import steps
+from resnet_jax import checkpointing, data, steps
 from resnet_jax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -157,6 +157,14 @@ def tiny_state(config, mesh, num_classes=5):
     lr_fn = steps.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
     state = steps.create_train_state(config, model, steps.create_optimizer(config, lr_fn), mesh)
     return state, lr_fn
+
+
+def save_trained(workdir, state, config, class_names):
+    """Saves `state` at its step as training does, with the class names and preprocessing."""
+    manager = checkpointing.create_manager(workdir)
+    run_info = {"class_names": list(class_names), "preprocessing": data.preprocessing(config)}
+    checkpointing.save(manager, state, config, run_info)
+    manager.wait_until_finished()
 
 
 def model_config(name, **overrides):

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, run_module, tiny_state
+from helpers import ROOT, run_module, save_trained, tiny_state
 from PIL import Image
 
 from configs import smoke
-from resnet_jax import checkpointing, data, export, predict, sharding
+from resnet_jax import data, export, predict, sharding
 
 CLASSES = ["ant", "bee", "cat", "dog"]
 STEP = 7
@@ -37,10 +37,7 @@ def save_run(workdir, model_name, image_size, **model):
         lambda path, x: jnp.abs(x) if "var" in jax.tree_util.keystr(path) else x, stats
     )
     state = state.replace(step=jnp.asarray(STEP, jnp.int32), batch_stats=stats)
-    manager = checkpointing.create_manager(workdir)
-    run_info = {"class_names": CLASSES, "preprocessing": data.preprocessing(config)}
-    checkpointing.save(manager, state, config, run_info)
-    manager.wait_until_finished()
+    save_trained(workdir, state, config, CLASSES)
     return config
 
 

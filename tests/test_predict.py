@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import run_module, tiny_state
+from helpers import run_module, save_trained, tiny_state
 from PIL import Image
 
 from configs import smoke
@@ -23,10 +23,7 @@ def run(tmp_path_factory):
     config.image_size = 20
     state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
     state = state.replace(step=jnp.asarray(5, jnp.int32))
-    manager = checkpointing.create_manager(workdir)
-    run_info = {"class_names": CLASSES, "preprocessing": data.preprocessing(config)}
-    checkpointing.save(manager, state, config, run_info)
-    manager.wait_until_finished()
+    save_trained(workdir, state, config, CLASSES)
     return workdir, config, state
 
 
