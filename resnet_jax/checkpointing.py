@@ -3,6 +3,7 @@
 A step is written as three Orbax items under `WORKDIR/checkpoints/<step>/`:
 - `model`: params and batch_stats (all that evaluation needs);
 - `optimizer`: the optax state and the step counter;
+- `ema` (only for runs that keep one): the moving average of params and batch_stats;
 - `meta` (JSON): the run's config, the input position, the parameter shapes and a
   SHA-256 fingerprint of each of the two array items.
 
@@ -177,6 +178,14 @@ def optimizer_tree(state: Any) -> dict[str, Any]:
     return {"opt_state": state.opt_state, "step": state.step}
 
 
+def array_items(state: Any) -> dict[str, Any]:
+    """The state's arrays by checkpoint item: model, optimizer and (if kept) ema."""
+    items = {"model": model_tree(state), "optimizer": optimizer_tree(state)}
+    if state.ema is not None:
+        items["ema"] = state.ema
+    return items
+
+
 def create_manager(
     workdir: str | epath.Path, keep: int = 3, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -205,7 +214,7 @@ def create_manager(
     return ocp.CheckpointManager(
         epath.Path(workdir) / CHECKPOINT_DIR,
         options=options,
-        item_names=("model", "optimizer", "meta", DATA_ITERATOR),
+        item_names=("model", "optimizer", "ema", "meta", DATA_ITERATOR),
     )
 
 
@@ -233,22 +242,19 @@ def save(
       The step saved.
     """
     step = int(state.step)
-    model, optimizer = model_tree(state), optimizer_tree(state)
+    arrays = array_items(state)
     meta = {
         **run_info,
         "step": step,
         "config": json.loads(config.to_json()),
         # Order and augmentation are drawn from (seed, step): that is the RNG state.
         "rng": {"seed": config.seed, "step": step},
-        "shapes": shapes(model),
-        "optimizer_shapes": shapes(optimizer),
-        "fingerprints": {"model": fingerprint(model), "optimizer": fingerprint(optimizer)},
+        "shapes": shapes(arrays["model"]),
+        "optimizer_shapes": shapes(arrays["optimizer"]),
+        "fingerprints": {name: fingerprint(tree) for name, tree in arrays.items()},
     }
-    items = {
-        "model": ocp.args.StandardSave(model),
-        "optimizer": ocp.args.StandardSave(optimizer),
-        "meta": ocp.args.JsonSave(meta),
-    }
+    items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+    items["meta"] = ocp.args.JsonSave(meta)
     if data_iterator is not None:
         items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(
@@ -311,7 +317,8 @@ def check_compatible(
         )
     else:
         written = ", ".join(
-            f"{key}={config.get(key)}" for key in ("momentum", "nesterov", "weight_decay")
+            f"{key}={config.get(key)}"
+            for key in ("momentum", "nesterov", "weight_decay", "sam_rho")
         )
     raise CheckpointError(
         f"{where} does not fit the configured {item}. It was written with {written}. "
@@ -325,34 +332,37 @@ def _abstract(tree: Any) -> Any:
 
 
 def restore(
-    manager: ocp.CheckpointManager,
-    step: int,
-    model_template: Any,
-    optimizer_template: Any | None = None,
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
-    """Reads one step onto the shardings of the templates, verifying its fingerprints.
+    manager: ocp.CheckpointManager, step: int, templates: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads items of one step onto the shardings of the templates, verifying their fingerprints.
 
     Args:
       manager: the run's checkpoint manager.
       step: the step to read.
-      model_template: {"params", "batch_stats"} arrays (or ShapeDtypeStructs) with the
-        shapes, dtypes and shardings wanted; the device count may differ from the save.
-      optimizer_template: the same for {"opt_state", "step"}, or None to skip it.
+      templates: by item name ("model", "optimizer", "ema"), arrays (or
+        ShapeDtypeStructs) with the shapes, dtypes and shardings wanted; "model" and "ema"
+        are {"params", "batch_stats"}, "optimizer" is {"opt_state", "step"}. The device
+        count may differ from the save.
 
     Returns:
-      (model, optimizer or None, meta).
+      (the restored items by name, meta).
 
     Raises:
-      CheckpointError: the step does not fit the templates.
+      CheckpointError: the step does not fit the templates, or has no EMA when asked for.
       CorruptCheckpointError: the step cannot be read back as written.
     """
     where = f"Checkpoint step {step} in {manager.directory}"
     meta = read_meta(manager, step)
-    check_compatible(meta, shapes(model_template), where)
-    items = {"model": ocp.args.StandardRestore(_abstract(model_template))}
-    if optimizer_template is not None:
-        check_compatible(meta, shapes(optimizer_template), where, item="optimizer")
-        items["optimizer"] = ocp.args.StandardRestore(_abstract(optimizer_template))
+    if "ema" in templates and "ema" not in meta["fingerprints"]:
+        raise CheckpointError(
+            f"{where} has no moving average of the weights: its run was trained with "
+            "ema_decay=0. Use the raw weights (eval_weights=raw, --weights=raw), or a run "
+            "trained with --config.ema_decay > 0 (a resume with EMA needs a new --workdir)."
+        )
+    for name, template in templates.items():
+        item = "optimizer" if name == "optimizer" else "model"
+        check_compatible(meta, shapes(template), where, item=item)
+    items = {name: ocp.args.StandardRestore(_abstract(t)) for name, t in templates.items()}
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many kinds of errors for unreadable files.
@@ -364,8 +374,7 @@ def restore(
             raise CorruptCheckpointError(
                 f"the {name} arrays differ from what was saved", proven=True
             )
-    optimizer = restored["optimizer"] if optimizer_template is not None else None
-    return restored["model"], optimizer, meta
+    return {name: restored[name] for name in items}, meta
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.Path]:
@@ -434,7 +443,7 @@ def restore_for_resume(
     for step in steps:
         outcome, error, restored = Outcome.UNUSABLE, None, None
         try:
-            restored = restore(manager, step, model_tree(state), optimizer_tree(state))
+            restored = restore(manager, step, array_items(state))
             outcome = Outcome.RESTORED
         except CorruptCheckpointError as e:
             outcome, error = (Outcome.ALTERED if e.proven else Outcome.UNREADABLE), e
@@ -451,7 +460,7 @@ def restore_for_resume(
         if worst != Outcome.RESTORED:
             failed[step] = str(error) if error else f"process {process} could not read it"
             continue
-        model, optimizer, meta = restored
+        arrays, meta = restored
         if failed:
             moved = _quarantine(manager, list(failed))
             for (bad, why), target in zip(failed.items(), moved, strict=True):
@@ -465,10 +474,11 @@ def restore_for_resume(
                     target,
                 )
         state = state.replace(
-            params=model["params"],
-            batch_stats=model["batch_stats"],
-            opt_state=optimizer["opt_state"],
-            step=optimizer["step"],
+            params=arrays["model"]["params"],
+            batch_stats=arrays["model"]["batch_stats"],
+            opt_state=arrays["optimizer"]["opt_state"],
+            step=arrays["optimizer"]["step"],
+            ema=arrays.get("ema"),
         )
         logging.info("Resumed from checkpoint step %d in %s.", step, manager.directory)
         return state, meta

@@ -171,6 +171,17 @@ def define_checkpoint_flag(
     )
 
 
+def define_weights_flag() -> None:
+    """--weights for the commands that read a model from a checkpoint."""
+    flags.DEFINE_enum(
+        "weights",
+        "raw",
+        ["raw", "ema"],
+        "Which weights: the trained ones (raw), or their moving average (ema; runs trained "
+        "with --config.ema_decay > 0).",
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with problems of --config reported as one line instead of a traceback.
 

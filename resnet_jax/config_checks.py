@@ -9,6 +9,12 @@ LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
 # How batches reach the devices (resnet_jax/data/__init__.py).
 INPUT_MODES = ("auto", "device", "stream")
 AUGMENTATIONS = ("crop_flip", "random_resized_crop")
+# The train step's augmentation policies, and their number of magnitude bins
+# (resnet_jax/data/augment.py).
+POLICIES = ("none", "randaugment", "trivialaugment")
+MAGNITUDE_BINS = 31
+# The weights an evaluation, predict or export reads from a checkpoint.
+EVAL_WEIGHTS = ("raw", "ema")
 
 
 class ConfigError(ValueError):
@@ -30,6 +36,10 @@ def _is_number(value) -> bool:
 
 def _positive_int(value) -> bool:
     return _is_int(value) and value > 0
+
+
+def _probability(value) -> bool:
+    return _is_number(value) and 0 <= value <= 1
 
 
 def _name(value) -> bool:
@@ -71,6 +81,27 @@ RANGES = {
     ),
     "crop_padding": (lambda v: _is_int(v) and v >= 0, ">= 0"),
     "random_flip": _BOOL,
+    "randaugment_num_ops": _POSITIVE_INT,
+    "randaugment_magnitude": (
+        lambda v: _is_int(v) and 0 <= v < MAGNITUDE_BINS,
+        f"a magnitude bin from 0 to {MAGNITUDE_BINS - 1}",
+    ),
+    "cutout_size": (lambda v: _is_int(v) and v >= 0, ">= 0 pixels (0 disables)"),
+    "random_erasing": (_probability, "a probability in [0, 1] (0 disables)"),
+    "random_erasing_area": (
+        lambda v: (
+            isinstance(v, (tuple, list))
+            and len(v) == 2
+            and all(_is_number(x) for x in v)
+            and 0 < v[0] <= v[1] < 1
+        ),
+        "(low, high) fractions of the image with 0 < low <= high < 1",
+    ),
+    "random_erasing_aspect": (lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
+    "mixup_alpha": (lambda v: _is_number(v) and v >= 0, ">= 0 (0 disables)"),
+    "cutmix_alpha": (lambda v: _is_number(v) and v >= 0, ">= 0 (0 disables)"),
+    "mix_prob": (_probability, "a probability in [0, 1]"),
+    "mix_switch_prob": (_probability, "a probability in [0, 1]"),
     "batch_size": _POSITIVE_INT,
     "eval_batch_size": _POSITIVE_INT,
     "num_epochs": (
@@ -97,6 +128,10 @@ RANGES = {
     "weight_decay": (lambda v: _is_number(v) and v >= 0, ">= 0"),
     "weight_decay_all": _BOOL,
     "label_smoothing": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "sam_rho": (lambda v: _is_number(v) and v >= 0, ">= 0 (0 disables)"),
+    "ema_decay": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1) (0 disables)"),
+    "ema_warmup": _BOOL,
+    "eval_flip": _BOOL,
     "half_precision": _BOOL,
     "seed": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "deterministic": _BOOL,
@@ -119,6 +154,8 @@ CHOICES = {
         " (crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data)",
     ),
     "lr_schedule": (LR_SCHEDULES, ""),
+    "policy": (POLICIES, " (see resnet_jax/data/augment.py)"),
+    "eval_weights": (EVAL_WEIGHTS, " (ema needs a run trained with ema_decay > 0)"),
     "cpu_convolutions": (CPU_CONVOLUTIONS, " (see resnet_jax/compile_options.py)"),
 }
 

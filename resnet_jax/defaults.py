@@ -82,6 +82,35 @@ def get_config() -> ml_collections.ConfigDict:
     config.crop_padding = 4
     config.random_flip = True
 
+    # Augmentations of modern recipes, all off by default, run on the devices inside the
+    # train step after the crop and flip, for both input paths (resnet_jax/data/augment.py).
+    # Each is drawn from (seed, step), so a resumed run stays bitwise equal.
+    # "randaugment" (Cubuk et al. 2020: randaugment_num_ops operations at magnitude bin
+    # randaugment_magnitude of 0-30), "trivialaugment" (Mueller and Hutter 2021: one
+    # operation at a random magnitude, torchvision's TrivialAugmentWide ranges) or "none".
+    config.policy = "none"
+    config.randaugment_num_ops = 2
+    config.randaugment_magnitude = 9
+    # Cutout (DeVries and Taylor 2017): a square of this side (pixels) centred on a random
+    # pixel, clipped at the borders, set to the mean colour; 0 disables (16 for CIFAR).
+    config.cutout_size = 0
+    # Random erasing (Zhong et al. 2020): the probability an image gets a rectangle of
+    # random_erasing_area (fractions of the image) and aspect ratio in
+    # [random_erasing_aspect, 1 / random_erasing_aspect] set to the mean colour; 0 disables
+    # (the paper: 0.5, (0.02, 0.4), 0.3).
+    config.random_erasing = 0.0
+    config.random_erasing_area = (0.02, 0.4)
+    config.random_erasing_aspect = 0.3
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019): Beta(alpha, alpha) mixing of
+    # each batch with itself reversed, images and loss with the same weight; 0 disables
+    # (mixup 0.2-1.0 and CutMix 1.0 are the papers' values). A batch is mixed with
+    # probability mix_prob; with both alphas set, by CutMix with probability
+    # mix_switch_prob, else by mixup.
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.mix_prob = 1.0
+    config.mix_switch_prob = 0.5
+
     config.batch_size = 128  # Global, over all devices of all hosts.
     config.eval_batch_size = 500  # Global.
     config.num_epochs = 200.0
@@ -101,6 +130,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Weight decay on BatchNorm scales/biases and dense biases too (off by default).
     config.weight_decay_all = False
     config.label_smoothing = 0.0
+    # Sharpness-aware minimisation (Foret et al. 2021, optax.contrib.sam): the radius of
+    # the adversarial step; 0 disables. Two gradients per step: about twice the step time.
+    config.sam_rho = 0.0
+    # An exponential moving average of the weights and BN statistics, kept in every
+    # checkpoint and evaluated beside the raw weights (eval_ema_* in the logs); 0 disables
+    # (0.999-0.9999 are usual). ema_warmup: the decay is min(ema_decay, (1 + t) / (10 + t))
+    # at step t, so the average soon forgets the initialisation.
+    config.ema_decay = 0.0
+    config.ema_warmup = True
     config.half_precision = False  # bfloat16 compute; params and BN statistics stay float32.
     # Kernels of the convolutions when training or evaluating on CPU: "eigen" (XLA's own;
     # about twice the ResNet-18 train step of the other) or "xla_default" (XLA's choice,
@@ -123,6 +161,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_num_steps = 5  # Profile this many steps early in the run; 0 disables.
     # Which checkpoint --mode=eval restores: "latest", "best" or a step number.
     config.eval_checkpoint = "latest"
+    # Which weights --mode=eval evaluates: "raw" (the trained ones) or "ema" (their moving
+    # average, when the run kept one: ema_decay > 0).
+    config.eval_weights = "raw"
+    # Flip test-time augmentation in every evaluation (training's, --mode=eval, report):
+    # each prediction averages the softmax of the image and of its mirror image.
+    config.eval_flip = False
     return config
 
 

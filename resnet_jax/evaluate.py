@@ -58,10 +58,21 @@ def evaluate(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float | int]:
-    """Top-1, top-5 and loss over every evaluation example, each counted exactly once."""
+    """Top-1, top-5 and loss over every evaluation example, each counted exactly once.
+
+    For a state that keeps an EMA, the EMA weights are evaluated too: ema_top1, ema_top5,
+    ema_loss beside the raw weights' top1, top5, loss.
+    """
     empty = steps.empty_metrics(steps.EvalMetrics, mesh)
     totals = eval_loop(eval_step_fn, empty, state, inputs, config, mesh)
-    return steps.read_eval_metrics(totals)
+    results = steps.read_eval_metrics(totals)
+    if state.ema is not None:
+        averaged = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
+        empty = steps.empty_metrics(steps.EvalMetrics, mesh)
+        totals = eval_loop(eval_step_fn, empty, averaged, inputs, config, mesh)
+        ema = steps.read_eval_metrics(totals)
+        results.update({f"ema_{k}": v for k, v in ema.items() if k != "num_examples"})
+    return results
 
 
 def write_json(path: epath.Path, payload: dict[str, Any]) -> None:
@@ -97,21 +108,26 @@ def restore_model(
     model: nn.Module,
     image_size: int,
     placement: jax.sharding.Sharding,
+    weights: str = "raw",
 ) -> dict[str, Any]:
     """Reads the params and BN statistics of `step` for `model`, placed on `placement`.
 
+    `weights` is "raw" (the trained ones) or "ema" (their moving average).
+
     Raises:
-      CheckpointError: the step does not fit the model.
+      CheckpointError: the step does not fit the model, or has no EMA when asked for.
       UnusableStepError: the step is corrupt (the message lists the other steps).
     """
+    assert weights in config_checks.EVAL_WEIGHTS, weights
+    item = "ema" if weights == "ema" else "model"
     template = steps.variables_template(model, image_size, placement)
     try:
-        variables, _, _ = checkpointing.restore(manager, step, template)
+        restored, _ = checkpointing.restore(manager, step, {item: template})
     except checkpointing.CorruptCheckpointError as e:
         raise checkpointing.UnusableStepError(
             step, manager.directory, f"is corrupt: {e}", manager.all_steps()
         ) from e
-    return variables
+    return restored[item]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +136,7 @@ class TrainedModel:
 
     `preprocessing` is the evaluation's (image_size, resize_size, mean, std) as stored
     with the checkpoint; `class_names` has one name per output (placeholders when the run
-    recorded none).
+    recorded none); `weights` says which were read, "raw" or "ema".
     """
 
     model: nn.Module
@@ -130,14 +146,19 @@ class TrainedModel:
     directory: epath.Path
     preprocessing: dict[str, Any]
     class_names: list[str]
+    weights: str = "raw"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def load_trained_model(workdir: str | epath.Path, which: str = "latest") -> TrainedModel:
+def load_trained_model(
+    workdir: str | epath.Path, which: str = "latest", weights: str = "raw"
+) -> TrainedModel:
     """The model of checkpoint `which` (latest, best or a step) of `workdir`, on one device.
+
+    `weights`: "raw" or "ema" (the moving average, for runs that kept one).
 
     Settings come from the checkpoint's own record of its config, not from a config file.
 
@@ -171,6 +192,7 @@ def load_trained_model(workdir: str | epath.Path, which: str = "latest") -> Trai
         model,
         preprocessing["image_size"],
         jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+        weights,
     )
     return TrainedModel(
         model=model,
@@ -180,17 +202,18 @@ def load_trained_model(workdir: str | epath.Path, which: str = "latest") -> Trai
         directory=epath.Path(manager.directory),
         preprocessing=preprocessing,
         class_names=list(names),
+        weights=weights,
     )
 
 
 def checkpoint_state(
-    config: ml_collections.ConfigDict, workdir: epath.Path, which: str
+    config: ml_collections.ConfigDict, workdir: epath.Path, which: str, weights: str = "raw"
 ) -> tuple[steps.TrainState, jax.sharding.Mesh, data.Input]:
     """The model of checkpoint `which` of `workdir` (no optimizer), with its mesh and eval input.
 
-    Only the model (params and BN statistics) is read, replicated over this machine's
-    devices, whatever the device count of the run that saved it. `state.step` is the
-    checkpoint's step.
+    Only the model (params and BN statistics; with `weights="ema"` their moving average)
+    is read, replicated over this machine's devices, whatever the device count of the run
+    that saved it. `state.step` is the checkpoint's step.
     """
     manager, step = open_checkpoint(workdir, which)
     mesh = sharding.make_mesh()
@@ -198,7 +221,9 @@ def checkpoint_state(
     inputs = data.open_input(config, mesh, train=False)
     num_classes = config_checks.resolve_num_classes(config, inputs.eval.num_classes)
     model = create_model(config.model, num_classes, config.half_precision)
-    variables = restore_model(manager, step, model, config.image_size, sharding.replicated(mesh))
+    variables = restore_model(
+        manager, step, model, config.image_size, sharding.replicated(mesh), weights
+    )
     state = steps.TrainState(
         step=step,
         apply_fn=model.apply,
@@ -210,28 +235,41 @@ def checkpoint_state(
     return state, mesh, inputs
 
 
+def evaluation_name(step: int, config: ml_collections.ConfigDict) -> str:
+    """The file --mode=eval writes: step_<N>[_ema][_flip].json, one per step and setting."""
+    suffix = ("_ema" if config.eval_weights == "ema" else "") + (
+        "_flip" if config.eval_flip else ""
+    )
+    return f"step_{step}{suffix}.json"
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the checkpoint `config.eval_checkpoint` of `workdir` on the test split.
 
-    Only the model (params and BN statistics) is read, onto this machine's devices,
-    whatever the device count of the run that saved it.
+    Only the model (params and BN statistics, raw or EMA as `config.eval_weights` says)
+    is read, onto this machine's devices, whatever the device count of the run that saved
+    it; `config.eval_flip` turns on flip test-time augmentation.
 
     Returns:
-      top1, top5, loss, num_examples, step, checkpoint, model, dataset; also written to
-      `workdir/evaluations/step_<step>.json`, one file per evaluated step, so that it
-      never replaces the training run's own `eval_results.json`.
+      top1, top5, loss, num_examples, step, checkpoint, weights, flip, model, dataset; also
+      written to `workdir/evaluations/` (`evaluation_name`), one file per evaluated step
+      and setting, so that it never replaces the training run's own `eval_results.json`.
     """
     workdir = checkpointing.absolute_workdir(workdir)
-    state, mesh, inputs = checkpoint_state(config, workdir, config.eval_checkpoint)
+    state, mesh, inputs = checkpoint_state(
+        config, workdir, config.eval_checkpoint, config.eval_weights
+    )
     step = int(state.step)
     results = evaluate(steps.compile_eval_step(mesh, config), state, inputs, config, mesh)
     results.update(
         step=step,
         checkpoint=str(config.eval_checkpoint),
+        weights=config.eval_weights,
+        flip=config.eval_flip,
         model=config.model.name,
         dataset=config.dataset,
     )
-    path = workdir / EVALUATIONS_DIR / f"step_{step}.json"
+    path = workdir / EVALUATIONS_DIR / evaluation_name(step, config)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, results)

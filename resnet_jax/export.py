@@ -79,6 +79,7 @@ def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
     cli.define_checkpoint_flag()
+    cli.define_weights_flag()
     flags.DEFINE_string(
         "format", None, f"What to write: {', '.join(FORMATS)}, a comma-separated list, or all."
     )
@@ -331,6 +332,7 @@ def metadata(
             "workdir": str(trained.directory.parent),
             "checkpoint": str(which),
             "step": trained.step,
+            "weights": trained.weights,
             "model": trained.config.model.name,
             "dataset": trained.config.dataset,
         },
@@ -428,8 +430,11 @@ def export(
     out: str | os.PathLike,
     outputs: str = "probabilities",
     overwrite: bool = False,
+    weights: str = "raw",
 ) -> dict[str, Any]:
     """Writes the artifacts of `formats` and model.json to the new folder `out`.
+
+    `weights` is "raw" (the trained weights) or "ema" (their moving average).
 
     Returns:
       The contents of model.json.
@@ -441,7 +446,7 @@ def export(
     out = pathlib.Path(out).absolute()
     _claim_out(out, overwrite)
     check_dependencies(formats)
-    trained = evaluate.load_trained_model(workdir, which)
+    trained = evaluate.load_trained_model(workdir, which, weights)
     serve = serving_function(trained, outputs)
     size = trained.preprocessing["image_size"]
     if {"savedmodel", "tflite"} & set(formats):
@@ -477,7 +482,15 @@ def main(argv: list[str]) -> None:
 
     def run() -> None:
         formats = parse_formats(FLAGS.format)
-        export(FLAGS.workdir, FLAGS.checkpoint, formats, FLAGS.out, FLAGS.outputs, FLAGS.overwrite)
+        export(
+            FLAGS.workdir,
+            FLAGS.checkpoint,
+            formats,
+            FLAGS.out,
+            FLAGS.outputs,
+            FLAGS.overwrite,
+            FLAGS.weights,
+        )
         print(f"Wrote {', '.join(formats)} and {METADATA} to {FLAGS.out}", file=sys.stderr)
 
     cli.exit_on_user_error(run, extra=(ExportError,), step_flag="--checkpoint=STEP")

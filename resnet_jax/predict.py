@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import compile_options, evaluate
+from resnet_jax import compile_options, evaluate, steps
 
 FLAGS = flags.FLAGS
 
@@ -40,6 +40,10 @@ def define_flags() -> None:
     """Defines the command's flags, only when it runs: other commands share their names."""
     flags.DEFINE_string("workdir", None, "Directory of the run (its checkpoints/ folder).")
     cli.define_checkpoint_flag()
+    cli.define_weights_flag()
+    flags.DEFINE_bool(
+        "flip", False, "Flip test-time augmentation: average with each image's mirror image."
+    )
     flags.DEFINE_bool("json", False, "One JSON object per line per image.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
     flags.mark_flag_as_required("workdir")
@@ -51,8 +55,10 @@ TOP_K = 5
 class Classifier:
     """A checkpoint's model with its preprocessing and class names, ready to classify."""
 
-    def __init__(self, workdir: str, which: str = "latest"):
-        trained = evaluate.load_trained_model(workdir, which)
+    def __init__(
+        self, workdir: str, which: str = "latest", weights: str = "raw", flip: bool = False
+    ):
+        trained = evaluate.load_trained_model(workdir, which, weights)
         self.step, self.class_names = trained.step, trained.class_names
         self.preprocessing = trained.preprocessing
         mean, std = self.preprocessing["mean"], self.preprocessing["std"]
@@ -64,7 +70,7 @@ class Classifier:
         @functools.partial(jax.jit, compiler_options=options)
         def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
             inputs = data.normalize(images, mean, std)
-            logits = trained.model.apply(trained.variables, inputs, train=False)
+            logits = steps.predict_logits(trained.model.apply, trained.variables, inputs, flip)
             return jax.lax.top_k(jax.nn.softmax(logits), k)
 
         self._top_k = top_k
@@ -171,7 +177,7 @@ def main(argv: list[str]) -> None:
 
     def run() -> None:
         nonlocal failed
-        classifier = Classifier(FLAGS.workdir, FLAGS.checkpoint)
+        classifier = Classifier(FLAGS.workdir, FLAGS.checkpoint, FLAGS.weights, FLAGS.flip)
         failed = predict_files(classifier, paths, FLAGS.batch_size, FLAGS.json)
 
     cli.exit_on_user_error(run, step_flag="--checkpoint=STEP")

@@ -17,6 +17,7 @@ the evaluation. The evaluation logs its progress; it runs in one process.
 """
 
 import csv
+import functools
 import json
 import pathlib
 from typing import Any
@@ -52,6 +53,12 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory of the run.")
     flags.DEFINE_string("out", None, "Where to write the report (default: WORKDIR/report).")
     cli.define_checkpoint_flag("Checkpoint to evaluate: latest, best or a step.")
+    cli.define_weights_flag()
+    flags.DEFINE_bool(
+        "flip",
+        None,
+        "Flip test-time augmentation in the evaluation (default: the config's eval_flip).",
+    )
     flags.DEFINE_bool("curves_only", False, "Only the curves; no evaluation, no confusion matrix.")
     config_flags.DEFINE_config_file(
         "config",
@@ -135,13 +142,18 @@ def plot_curves(scalars: dict[str, tuple[np.ndarray, np.ndarray]], path: pathlib
     plt.close(fig)
 
 
-def confusion_step(state: Any, counts: Any, batch: dict[str, Any]) -> Any:
+def confusion_step(state: Any, counts: Any, batch: dict[str, Any], flip: bool = False) -> Any:
     """`counts` plus this batch's [true, predicted] counts; padded examples count nowhere."""
     import jax
     import jax.numpy as jnp
 
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    from resnet_jax import steps
+
+    logits = steps.predict_logits(
+        state.apply_fn,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["image"],
+        flip,
     )
     num_classes = counts.shape[0]
     truth = jax.nn.one_hot(batch["label"], num_classes) * batch["mask"][:, None]
@@ -150,16 +162,22 @@ def confusion_step(state: Any, counts: Any, batch: dict[str, Any]) -> Any:
     return counts + jnp.einsum("bi,bj->ij", truth, predicted).astype(jnp.int32)
 
 
-def confusion_matrix(config: Any, workdir: pathlib.Path, which: str) -> tuple[np.ndarray, int, Any]:
-    """Evaluates checkpoint `which`: the [true, predicted] count matrix, the step, the input."""
+def confusion_matrix(
+    config: Any, workdir: pathlib.Path, which: str, weights: str = "raw"
+) -> tuple[np.ndarray, int, Any]:
+    """Evaluates checkpoint `which`: the [true, predicted] count matrix, the step, the input.
+
+    `weights` ("raw" or "ema") picks the weights; `config.eval_flip`, flip TTA.
+    """
     import jax
     import jax.numpy as jnp
 
     from resnet_jax import evaluate, sharding, steps
 
-    state, mesh, inputs = evaluate.checkpoint_state(config, workdir, which)
+    state, mesh, inputs = evaluate.checkpoint_state(config, workdir, which, weights)
     num_classes = state.params["fc"]["bias"].shape[0]
-    step_fn = steps.compile_batch_fn(confusion_step, mesh, config)
+    step = functools.partial(confusion_step, flip=config.eval_flip)
+    step_fn = steps.compile_batch_fn(step, mesh, config)
     counts = jax.jit(
         lambda: jnp.zeros((num_classes, num_classes), jnp.int32),
         out_shardings=sharding.replicated(mesh),
@@ -249,10 +267,12 @@ def write_report(
     config: Any = None,
     which: str = "latest",
     title: str | None = None,
+    weights: str = "raw",
 ) -> dict[str, Any]:
     """Writes the report files into `out`; with `config` None, only the curves.
 
-    `title` names the run in index.md (default: `workdir`).
+    `title` names the run in index.md (default: `workdir`). The evaluation reads the
+    `weights` ("raw" or "ema") of checkpoint `which`, with flip TTA if `config.eval_flip`.
 
     Returns:
       What index.md shows, as numbers: {"curves": {tag: last value}, "step", "top1",
@@ -277,7 +297,7 @@ def write_report(
         "![training curves](curves.png)\n",
     ]
     if config is not None:
-        counts, step, inputs = confusion_matrix(config, workdir, which)
+        counts, step, inputs = confusion_matrix(config, workdir, which, weights)
         names = list(inputs.class_names) if len(inputs.class_names) == len(counts) else []
         names = names or [f"class {i}" for i in range(len(counts))]
         rows = per_class_rows(counts, names)
@@ -307,8 +327,11 @@ def write_report(
             f"# Per-class test accuracy, checkpoint step {step}\n\nWorst first.\n\n{table}"
         )
         plot_confusion(counts, names, out / "confusion.png")
+        setting = (", EMA weights" if weights == "ema" else "") + (
+            ", flip TTA" if config.eval_flip else ""
+        )
         lines += [
-            f"## Evaluation of checkpoint step {step} ({which})\n",
+            f"## Evaluation of checkpoint step {step} ({which}{setting})\n",
             f"Top-1 {top1:.4f} on {int(counts.sum())} test images of {config.dataset}.\n",
             "- [per-class accuracy](per_class.md) ([csv](per_class.csv))",
             "- [confusion matrix counts](confusion.csv) (rows: true class, columns: predicted)\n",
@@ -337,8 +360,12 @@ def _run() -> None:
                     "has no config: give --config, or --curves_only for the curves alone."
                 )
             config = defaults.from_workdir(str(workdir))
+        if FLAGS.flip is not None:
+            config.eval_flip = FLAGS.flip
         data.hide_accelerators_from_tensorflow()
-    summary = write_report(pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir)
+    summary = write_report(
+        pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.weights
+    )
     logging.info("Report written to %s", out / "index.md")
     if "top1" in summary:
         logging.info("Test top-1 of step %d: %.4f", summary["step"], summary["top1"])

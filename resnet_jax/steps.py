@@ -25,15 +25,21 @@ from clu import metrics
 from flax.training import train_state
 
 from resnet_jax import compile_options, data, sharding
+from resnet_jax.data import augment
 
 # FirstNonFinite's value while every loss was finite.
 NO_STEP = np.iinfo(np.int32).max
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the BatchNorm running statistics."""
+    """Flax's TrainState plus the BatchNorm running statistics and, if kept, their EMA.
+
+    `ema` is None, or {"params", "batch_stats"}: an exponential moving average of both
+    (see `update_ema`).
+    """
 
     batch_stats: Any
+    ema: Any = None
 
 
 @flax.struct.dataclass
@@ -91,6 +97,30 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: flo
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def ema_decay_at(step: jnp.ndarray, decay: float, warmup: bool) -> jnp.ndarray:
+    """The EMA's decay after `step` updates: `decay`, or min(decay, (1 + step) / (10 + step)).
+
+    The warm-up (TensorFlow's ExponentialMovingAverage with num_updates) lets the average
+    forget its random initialisation within the first hundreds of steps; without it a
+    decay of 0.9999 would carry the initial weights for tens of thousands.
+    """
+    if not warmup:
+        return jnp.float32(decay)
+    step = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: Any, model: Any, decay: jnp.ndarray) -> Any:
+    """decay * ema + (1 - decay) * model, leaf by leaf, for params and BN statistics alike.
+
+    The BatchNorm running statistics are averaged with the same decay as the weights
+    (timm's ModelEmaV2 does the same), so the averaged statistics cover the same window
+    of steps as the averaged weights. Recomputing them for the EMA weights would be exact
+    but costs a pass over training data at every evaluation.
+    """
+    return optax.incremental_update(model, ema, step_size=1.0 - decay)
+
+
 def train_step(
     state: TrainState,
     metrics: TrainMetrics,
@@ -98,25 +128,69 @@ def train_step(
     *,
     learning_rate_fn: optax.Schedule,
     label_smoothing: float,
+    normalize: Callable[[jnp.ndarray], jnp.ndarray],
+    augmentation: augment.Settings | None = None,
+    seed: int = 0,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
+    sam: bool = False,
 ) -> tuple[TrainState, TrainMetrics]:
-    """One SGD step on a global batch; BatchNorm statistics are those of the whole batch.
+    """One step on a global batch of uint8 images; BatchNorm statistics are the whole batch's.
+
+    The images go through `augment.augment_batch` (normalised there) when any of its
+    augmentations is on, else straight through `normalize`. With mixup or CutMix the loss
+    is the mixing weight's share of the loss against the labels plus the rest against
+    those of the reversed batch (the cross-entropy is linear in the targets), and top-1
+    and top-5 count against the unmixed labels. With `sam` the optimizer is
+    `optax.contrib.sam` in opaque mode: it takes a second gradient at the adversarial
+    point, of the same batch; the BatchNorm statistics are those of the first pass.
 
     Returns the new state and `metrics` merged with this step's.
     """
+    labels = batch["label"]
+    weight = None
+    if augmentation is not None and augmentation.active:
+        images, weight = augment.augment_batch(
+            augmentation, seed, state.step, batch["image"], normalize
+        )
+    else:
+        images = normalize(batch["image"])
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
         )
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, (logits, updates["batch_stats"])
+        per_example = cross_entropy(logits, labels, label_smoothing)
+        if weight is not None:
+            partner = cross_entropy(logits, labels[::-1], label_smoothing)
+            per_example = weight * per_example + (1.0 - weight) * partner
+        return per_example.mean(), (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    top1, top5 = accuracies(logits, batch["label"])
+    if sam:
+
+        def adversarial_grad(params, _):
+            return jax.grad(loss_fn, has_aux=True)(params)[0]
+
+        updates, opt_state = state.tx.update(
+            grads, state.opt_state, state.params, grad_fn=adversarial_grad
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            batch_stats=batch_stats,
+        )
+    else:
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if ema_decay:
+        model = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+        decay = ema_decay_at(new_state.step, ema_decay, ema_warmup)
+        new_state = new_state.replace(ema=update_ema(state.ema, model, decay))
+    top1, top5 = accuracies(logits, labels)
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,
         top1=top1,
@@ -127,12 +201,31 @@ def train_step(
     return new_state, metrics.merge(step_metrics)
 
 
+def predict_logits(
+    apply_fn: Callable, variables: dict[str, Any], images: jnp.ndarray, flip: bool = False
+) -> jnp.ndarray:
+    """The model's logits for normalised images; with `flip`, flip test-time augmentation.
+
+    Flip TTA returns the log of the mean softmax of the images and of their mirror
+    images: softmax, argmax, top-k and the cross-entropy of it then all use the averaged
+    probabilities.
+    """
+    logits = apply_fn(variables, images, train=False)
+    if not flip:
+        return logits
+    mirrored = apply_fn(variables, images[:, :, ::-1], train=False)
+    return jnp.log((jax.nn.softmax(logits) + jax.nn.softmax(mirrored)) / 2.0)
+
+
 def eval_step(
-    state: TrainState, metrics: EvalMetrics, batch: dict[str, jnp.ndarray]
+    state: TrainState, metrics: EvalMetrics, batch: dict[str, jnp.ndarray], flip: bool = False
 ) -> EvalMetrics:
     """`metrics` merged with those of one padded batch; examples with mask False count nowhere."""
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    logits = predict_logits(
+        state.apply_fn,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch["image"],
+        flip,
     )
     top1, top5 = accuracies(logits, batch["label"])
     batch_metrics = EvalMetrics.single_from_model_output(
@@ -221,16 +314,24 @@ def create_optimizer(
     """SGD with momentum and L2 weight decay added to the gradient (as PyTorch's SGD does).
 
     Unless `weight_decay_all`, BatchNorm scales/biases and biases (every 1-D parameter)
-    are not decayed.
+    are not decayed. With `sam_rho` > 0 it is the outer optimizer of SAM (Foret et al.
+    2021, `optax.contrib.sam` in opaque mode): each step first moves the weights by
+    sam_rho along the normalised gradient of the loss (weight decay not included), takes
+    the gradient there, and applies that one from the original weights. Two forward and
+    backward passes per step: about twice the time of a step without it.
     """
 
     def decay_mask(params):
         return jax.tree.map(lambda p: config.weight_decay_all or p.ndim > 1, params)
 
-    return optax.chain(
+    sgd = optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
         optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
     )
+    if not config.sam_rho:
+        return sgd
+    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
+    return optax.contrib.sam(sgd, ascent, opaque_mode=True)
 
 
 def init_variables(model: nn.Module, image_size: int, rng: jax.Array) -> dict[str, Any]:
@@ -259,7 +360,10 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
 ) -> TrainState:
-    """Initialises parameters from `config.seed`, replicated over the mesh."""
+    """Initialises parameters from `config.seed`, replicated over the mesh.
+
+    With `ema_decay` > 0 the state keeps an EMA of the model, starting at the initial one.
+    """
 
     def init(rng):
         variables = init_variables(model, config.image_size, rng)
@@ -268,6 +372,8 @@ def create_train_state(
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             tx=tx,
+            # A copy: the EMA must not share buffers with the params the step donates.
+            ema=jax.tree.map(jnp.copy, variables) if config.ema_decay else None,
         )
 
     return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
@@ -303,8 +409,11 @@ def compile_batch_fn(
 
 
 def compile_eval_step(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> Callable:
-    """The jitted eval step for `mesh` (batch sharded, state and metrics replicated)."""
-    return compile_batch_fn(eval_step, mesh, config)
+    """The jitted eval step for `mesh` (batch sharded, state and metrics replicated).
+
+    With `config.eval_flip`, predictions are flip test-time augmented (`predict_logits`).
+    """
+    return compile_batch_fn(functools.partial(eval_step, flip=config.eval_flip), mesh, config)
 
 
 def compile_train_step(
@@ -312,11 +421,20 @@ def compile_train_step(
 ) -> Callable:
     """The jitted train step for `mesh`: (state, metrics, batch) -> (state, metrics), both donated."""
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    mean, std = data.normalization(config)
     step = functools.partial(
-        train_step, learning_rate_fn=learning_rate_fn, label_smoothing=config.label_smoothing
+        train_step,
+        learning_rate_fn=learning_rate_fn,
+        label_smoothing=config.label_smoothing,
+        normalize=functools.partial(data.normalize, mean=mean, std=std),
+        augmentation=augment.Settings.from_config(config),
+        seed=config.seed,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
+        sam=bool(config.sam_rho),
     )
     return jax.jit(
-        with_normalized_images(step, config),
+        step,
         in_shardings=(replicated, replicated, batch),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),

@@ -9,6 +9,7 @@ one program with cross-process collectives is in flight at a time.
 """
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ from resnet_jax import (
     steps,
     workdir_claim,
 )
+from resnet_jax.data import augment
 from resnet_jax.models import create_model
 
 # Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
@@ -87,7 +89,13 @@ def _data_settings(
     per_process_batch_size: int,
     steps_per_epoch: int,
 ) -> dict[str, Any]:
-    """What decides the order and content of the training batches (besides the step)."""
+    """What decides the order and content of the training batches (besides the step).
+
+    The train step's augmentations are recorded only when one is on, so that checkpoints
+    of runs without them keep the record they always had.
+    """
+    augmentation = augment.Settings.from_config(config)
+    extra = {"augmentation": dataclasses.asdict(augmentation)} if augmentation.active else {}
     return {
         "dataset": config.dataset,
         "split": config.train_split,
@@ -101,6 +109,7 @@ def _data_settings(
         "seed": config.seed,
         "crop_padding": config.crop_padding,
         "random_flip": config.random_flip,
+        **extra,
     }
 
 

@@ -349,7 +349,9 @@ def test_readable_but_altered_arrays_fail_the_fingerprint(state_and_config, tmp_
     altered = ocp.StandardCheckpointer().restore(model_dir)  # Readable...
     assert not np.array_equal(altered["params"]["fc"]["bias"], state.params["fc"]["bias"] + 10)
     with pytest.raises(checkpointing.CorruptCheckpointError, match="model arrays differ") as e:
-        checkpointing.restore(manager, 10, checkpointing.model_tree(state))  # ...but refused.
+        checkpointing.restore(
+            manager, 10, {"model": checkpointing.model_tree(state)}
+        )  # ...but refused.
     assert e.value.proven
 
 

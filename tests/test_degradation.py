@@ -10,7 +10,7 @@ from helpers import ROOT, main_environment
 from PIL import Image
 
 from resnet_jax import report
-from resnet_jax.experiments import degradation
+from resnet_jax.experiments import degradation, runner
 
 STEPS = 8
 
@@ -102,11 +102,11 @@ def test_finished_means_the_same_config(tmp_path):
 
     config = degradation.run_config(smoke.get_config(), "plain8")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    assert not degradation.is_finished(tmp_path, config)  # No results yet.
+    assert not runner.is_finished(tmp_path, config)  # No results yet.
     (tmp_path / "eval_results.json").write_text("{}")
-    assert degradation.is_finished(tmp_path, config)
+    assert runner.is_finished(tmp_path, config)
     config.num_train_steps += 1
-    assert not degradation.is_finished(tmp_path, config)
+    assert not runner.is_finished(tmp_path, config)
 
 
 def test_bad_flags_are_one_line(tmp_path):

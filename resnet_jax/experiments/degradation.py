@@ -32,6 +32,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from resnet_jax.experiments import runner
+from resnet_jax.experiments.runner import ExperimentError
+
 cli.use_checkout_configs()
 
 FLAGS = flags.FLAGS
@@ -53,10 +56,6 @@ def define_flags() -> None:
     flags.DEFINE_list("depths", ["20", "56"], "Depths, each 6n + 2 (20, 32, 44, 56, 110).")
     flags.DEFINE_string("out", None, "Where the figure and table go (default: --workdir).")
     flags.mark_flag_as_required("workdir")
-
-
-class ExperimentError(Exception):
-    """Bad experiment settings: says what to change."""
 
 
 def run_names(depths: list[int]) -> list[str]:
@@ -94,36 +93,9 @@ def run_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
     return run
 
 
-def is_finished(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-    """True if `workdir` holds a run of exactly `config` that trained to its end."""
-    results, saved = workdir / "eval_results.json", workdir / "config.json"
-    if not (results.is_file() and saved.is_file()):
-        return False
-    # Compared as JSON, the form in which training wrote it (tuples become lists).
-    return json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict()))
-
-
 def train_runs(config: ml_collections.ConfigDict, root: pathlib.Path, names: list[str]) -> None:
-    """Trains each run of `names` in root/<name>, skipping finished ones.
-
-    Raises:
-      ExperimentError: a run was stopped by SIGTERM (it saved a checkpoint; rerun).
-    """
-    from resnet_jax import config_checks, data, train
-
-    data.hide_accelerators_from_tensorflow()
-    for index, name in enumerate(names):
-        run = run_config(config, name)
-        config_checks.validate(run)
-        workdir = root / name
-        if is_finished(workdir, run):
-            logging.info("Run %d of %d, %s: finished before, skipped.", index + 1, len(names), name)
-            continue
-        logging.info("Run %d of %d, %s, in %s.", index + 1, len(names), name, workdir)
-        result = train.train_and_evaluate(run, str(workdir))
-        if result.get("preempted"):
-            logging.warning("Stopped by SIGTERM during %s; rerun the command to continue.", name)
-            sys.exit(train.PREEMPTED_EXIT_STATUS)
+    """Trains each run of `names` in root/<name>, skipping finished ones (`runner.train_runs`)."""
+    runner.train_runs({name: run_config(config, name) for name in names}, root)
 
 
 def collect(root: pathlib.Path, names: list[str], config: ml_collections.ConfigDict) -> list[dict]:
