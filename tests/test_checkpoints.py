@@ -74,9 +74,11 @@ def start_and_stop_at(args, workdir, min_step, stop_signal, while_frozen=None):
 def final_arrays(workdir, step=STEPS):
     """The model and optimizer arrays of a finished run, read back with plain Orbax."""
     checkpointer = ocp.StandardCheckpointer()
+    folder = workdir / "checkpoints" / str(step)
     return {
-        item: checkpointer.restore(workdir / "checkpoints" / str(step) / item)
-        for item in ("model", "optimizer")
+        item: checkpointer.restore(folder / item)
+        for item in ("model", "optimizer", "ema")
+        if (folder / item).exists()
     }
 
 
@@ -147,12 +149,24 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
     assert json.loads((workdir / "eval_results.json").read_text()) == reference
 
 
-STREAM = ("--config.input=stream", "--config.input_workers=2")
+# The streamed runs also have every addition of the modern recipes on: the train step's
+# augmentations, SAM and an EMA, all of which must resume exactly too.
+STREAM = (
+    "--config.input=stream",
+    "--config.input_workers=2",
+    "--config.policy=trivialaugment",
+    "--config.cutout_size=6",
+    "--config.random_erasing=0.5",
+    "--config.mixup_alpha=0.4",
+    "--config.cutmix_alpha=1.0",
+    "--config.sam_rho=0.05",
+    "--config.ema_decay=0.9",
+)
 
 
 @pytest.fixture(scope="module")
 def stream_reference_run(toy_folder, tmp_path_factory):
-    """An uninterrupted run on the streaming input, with two grain worker processes."""
+    """An uninterrupted run on the streaming input (two grain workers), every recipe option on."""
     workdir = tmp_path_factory.mktemp("stream_reference")
     result = run_main(*main_args(workdir, toy_folder, *STREAM))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -160,7 +174,7 @@ def stream_reference_run(toy_folder, tmp_path_factory):
     return workdir
 
 
-def test_stream_input_sigkill_then_rerun_ends_bitwise_identical(
+def test_stream_input_with_every_recipe_option_sigkill_then_rerun_ends_bitwise_identical(
     stream_reference_run, toy_folder, tmp_path
 ):
     workdir = tmp_path / "killed"
@@ -176,8 +190,11 @@ def test_stream_input_sigkill_then_rerun_ends_bitwise_identical(
     resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {latest}" in resumed.stderr
-    assert_bitwise_equal(final_arrays(workdir), final_arrays(stream_reference_run))
+    arrays = final_arrays(workdir)
+    assert set(arrays) == {"model", "optimizer", "ema"}
+    assert_bitwise_equal(arrays, final_arrays(stream_reference_run))
     reference = json.loads((stream_reference_run / "eval_results.json").read_text())
+    assert {"top1", "ema_top1", "ema_loss"} <= set(reference)
     assert json.loads((workdir / "eval_results.json").read_text()) == reference
 
 

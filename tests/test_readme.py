@@ -65,6 +65,7 @@ PREDICTS = readme_commands("predict")
 IMPORTS = readme_commands("import_torch")
 REPORTS = readme_commands("report")
 DEGRADATIONS = readme_commands("experiments.degradation")
+RECIPES = readme_commands("experiments.recipes")
 LAYER_RESPONSES = readme_commands("experiments.layer_responses")
 EXPORTS = readme_commands("export")
 
@@ -76,6 +77,8 @@ def test_the_readme_has_the_commands_this_file_runs():
     assert any("--mode=summary" in c for c in COMMANDS)
     assert len(PREDICTS) == 2 and len(IMPORTS) == 1
     assert len(REPORTS) == 1 and len(DEGRADATIONS) == 1 and len(LAYER_RESPONSES) == 1
+    assert len(RECIPES) == 1
+    assert sum("configs/resnet18_cifar100_modern.py" in c for c in COMMANDS) == 1
     assert len(EXPORTS) == 1
 
 
@@ -122,7 +125,7 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
     root, written = cifar
     cifar_data = [f"--config.data_dir={root / 'data'}"]
     trains = [c for c in COMMANDS if "--workdir" in c and "--mode=eval" not in c]
-    first, *others = [c for c in trains if "runs/resnet18" in c]
+    first, *others = [c for c in trains if c[c.index("--workdir") + 1] == "runs/resnet18"]
     run_as_written(first, user_dir, *SHRINK, *cifar_data, "--config.num_train_steps=2")
     workdir = user_dir / "runs" / "resnet18"
     assert (workdir / "checkpoints" / "2").is_dir()
@@ -216,6 +219,24 @@ def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder)
     run_as_written(folder, user_dir, *SHRINK, "--config.num_train_steps=4")
     mine = json.loads((user_dir / "runs" / "mine" / "eval_results.json").read_text())
     assert mine["num_examples"] == 63 and mine["step"] == 4
+
+
+def test_modern_recipe_commands(user_dir, cifar):
+    """The modern recipe trains with SAM, Cutout and an EMA; its EMA evaluation reads back."""
+    root, _ = cifar
+    (train,) = [c for c in COMMANDS if "configs/resnet18_cifar100_modern.py" in c]
+    cifar_data = [f"--config.data_dir={root / 'data'}"]
+    run_as_written(train, user_dir, *SHRINK, *cifar_data, "--config.num_train_steps=4")
+    workdir = user_dir / train[train.index("--workdir") + 1]
+    trained = json.loads((workdir / "eval_results.json").read_text())
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["sam_rho"], config["cutout_size"], config["ema_decay"]) == (0.2, 16, 0.9999)
+    assert trained["step"] == 4 and "ema_top1" in trained
+    _, (evaluate,) = evaluations(train[train.index("--workdir") + 1])
+    result = run_as_written(evaluate, user_dir)
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (evaluated["weights"], evaluated["flip"], evaluated["num_examples"]) == ("ema", True, 37)
+    assert (workdir / "evaluations" / "step_4_ema_flip.json").is_file()
 
 
 def test_imagenet_recipe_command_streams(user_dir, toy_folder):
@@ -341,3 +362,22 @@ def test_fashion_mnist_commands(user_dir, tmp_path):
     assert results["step"] == 4
     config = json.loads((workdir / "config.json").read_text())
     assert config["image_size"] == 28 and config["model"]["name"] == "resnet8"  # SHRINK's.
+
+    # The recipe ablation, as written, on the same folder: two variants, one seed, 4 steps.
+    (ablation,) = RECIPES
+    run_as_written(
+        ablation,
+        user_dir,
+        *SHRINK,
+        "--config.num_train_steps=4",
+        "--config.train_split=train20",
+        "--variants=baseline,cutout",
+        "--seeds=0",
+        module="experiments.recipes",
+    )
+    root = user_dir / ablation[ablation.index("--workdir") + 1]
+    rows = json.loads((root / "recipes.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "cutout"]
+    assert rows[1]["changes"] == {"cutout_size": 14}  # Half of the 28-pixel side.
+    assert all(0 <= r["flip_top1"] <= 1 and r["ema_top1"] is not None for r in rows)
+    assert "| cutout |" in (root / "recipes.md").read_text()
