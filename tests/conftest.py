@@ -27,6 +27,28 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402  (after the environment is set)
 
+# The files that take longest (a minute or more each on 2 cores), run first: the parallel
+# workers (pyproject.toml) take whole files in order, and a long file taken last would
+# leave the other workers idle while it runs.
+LONGEST_FIRST = (
+    "test_readme.py",
+    "test_checkpoints.py",
+    "test_multiprocess.py",
+    "test_device_check.py",
+    "test_recipes.py",
+    "test_compile_cache.py",
+    "test_full_disk.py",
+    "test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # Stable: the order within a file, and of the other files, stays.
+
 
 @pytest.fixture(scope="session")
 def toy_folder(tmp_path_factory):

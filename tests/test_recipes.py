@@ -1,6 +1,7 @@
 """Modern recipes in the step and around it: EMA, SAM, mixed losses, flip TTA, EMA weights read back."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +300,14 @@ def test_recipe_ablation_trains_each_variant_and_seed_once_and_tabulates_them(to
     recipes.run_experiment(config, tmp_path, ["baseline", "cutout"], [0, 1], tmp_path)
     after = sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts)
     assert before == after  # Finished runs and their flip evaluations are not redone.
+    shutil.rmtree(tmp_path / "cutout_seed1")
+    partial = recipes.run_experiment(
+        config, tmp_path, ["baseline", "cutout"], [0, 1], tmp_path, table_only=True
+    )
+    assert not (tmp_path / "cutout_seed1").exists()  # Not trained again...
+    assert partial[0] == rows[0] and partial[1]["seeds"] == [0]  # ...only left out.
+    with pytest.raises(recipes.ExperimentError, match="nothing to tabulate"):
+        recipes.run_experiment(config, tmp_path / "none", ["baseline"], [0], tmp_path, True)
     with pytest.raises(recipes.ExperimentError, match="--variants"):
         recipes.parse_runs(["baseline", "autoaugment"], ["0"])
     with pytest.raises(recipes.ExperimentError, match="--seeds"):

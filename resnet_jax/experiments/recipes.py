@@ -11,7 +11,7 @@ its training, so each row reports raw and EMA weights; each final checkpoint is 
 evaluated once more with flip test-time augmentation (WORKDIR/<run>/evaluations/).
 
 Rerunning the command skips finished runs and evaluations and resumes a killed run from
-its last checkpoint. At the end it writes recipes.md (the table) and recipes.json (every
+its last checkpoint; `--table_only` tabulates the finished runs and trains nothing. At the end it writes recipes.md (the table) and recipes.json (every
 run's numbers) into WORKDIR (or --out). Every figure is the top-1 of the final
 checkpoint on the whole test split; the variants share the budget in steps, and the
 table's throughput column shows what each costs per step (SAM: two gradients).
@@ -74,6 +74,11 @@ def define_flags() -> None:
     flags.DEFINE_list("variants", list(VARIANTS), f"Variants, of {', '.join(VARIANTS)}.")
     flags.DEFINE_list("seeds", ["0", "1"], "Seeds; every variant is trained with each.")
     flags.DEFINE_string("out", None, "Where the table goes (default: --workdir).")
+    flags.DEFINE_bool(
+        "table_only",
+        False,
+        "Train nothing: tabulate the runs that have finished (for a look while others train).",
+    )
     flags.mark_flag_as_required("workdir")
 
 
@@ -229,7 +234,7 @@ def _run() -> None:
     root = pathlib.Path(checkpointing.absolute_workdir(FLAGS.workdir))
     out = pathlib.Path(FLAGS.out) if FLAGS.out else root
     variants, seeds = parse_runs(FLAGS.variants, FLAGS.seeds)
-    rows = run_experiment(FLAGS.config, root, variants, seeds, out)
+    rows = run_experiment(FLAGS.config, root, variants, seeds, out, FLAGS.table_only)
     print(table(rows), end="")
     logging.info("Wrote %s and recipes.json.", out / "recipes.md")
 
