@@ -11,10 +11,11 @@ its training, so each row reports raw and EMA weights; each final checkpoint is 
 evaluated once more with flip test-time augmentation (WORKDIR/<run>/evaluations/).
 
 Rerunning the command skips finished runs and evaluations and resumes a killed run from
-its last checkpoint; `--table_only` tabulates the finished runs and trains nothing. At the end it writes recipes.md (the table) and recipes.json (every
-run's numbers) into WORKDIR (or --out). Every figure is the top-1 of the final
-checkpoint on the whole test split; the variants share the budget in steps, and the
-table's throughput column shows what each costs per step (SAM: two gradients).
+its last checkpoint; `--table_only` tabulates the finished runs and trains nothing. At
+the end it writes recipes.md (the table) and recipes.json (every run's numbers) into
+WORKDIR (or --out). Every figure is the top-1 of the final checkpoint on the whole test
+split; the variants share the budget in steps, and the table's throughput column shows
+what each costs per step (SAM: two gradients).
 """
 
 import json
@@ -214,10 +215,22 @@ def run_experiment(
     variants: list[str],
     seeds: list[int],
     out: pathlib.Path,
+    table_only: bool = False,
 ) -> list[dict]:
-    """Trains and evaluates what is missing, then writes recipes.{md,json} into `out`."""
+    """Trains and evaluates what is missing, then writes recipes.{md,json} into `out`.
+
+    With `table_only`, nothing is trained: the table holds the runs that have finished.
+
+    Raises:
+      ExperimentError: `table_only`, and no run has finished.
+    """
     runs = {run_name(v, s): (v, s, variant_config(config, v, s)) for s in seeds for v in variants}
-    runner.train_runs({name: c for name, (_, _, c) in runs.items()}, root)
+    if table_only:
+        runs = {n: r for n, r in runs.items() if runner.is_finished(root / n, r[2])}
+        if not runs:
+            raise ExperimentError(f"No run in {root} has finished yet: nothing to tabulate.")
+    else:
+        runner.train_runs({name: c for name, (_, _, c) in runs.items()}, root)
     collected = collect(root, runs)
     rows = summarize(collected)
     out.mkdir(parents=True, exist_ok=True)
