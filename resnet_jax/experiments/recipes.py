@@ -39,9 +39,9 @@ cli.use_checkout_configs()
 FLAGS = flags.FLAGS
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 
-# Each variant's changes to the base config. The values are the papers' (mixup and
-# CutMix alpha 1.0 as in their CIFAR experiments, random erasing's p=0.5, RandAugment's
-# N=2, M=9), Cutout's square is half the image side (the Cutout paper's 16 px of 32 px
+# Each variant's changes to the base config: mixup and CutMix alpha 1.0 (their papers'
+# CIFAR value), random erasing's p=0.5, RandAugment N=2, M=9 (torchvision's defaults),
+# Cutout's square half the image side (the Cutout paper's 16 px of 32 px
 # CIFAR-10 images); SAM's rho 0.05.
 _ALL = {
     "policy": "trivialaugment",
