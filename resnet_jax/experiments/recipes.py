@@ -21,9 +21,8 @@ what each costs per step (SAM: two gradients).
 import json
 import pathlib
 import statistics
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 # cli comes first: it sets TensorFlow's logging environment before anything imports it.
 from resnet_jax import cli  # isort: skip
@@ -252,17 +251,5 @@ def _run() -> None:
     logging.info("Wrote %s and recipes.json.", out / "recipes.md")
 
 
-def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    cli.exit_on_user_error(_run, extra=(ExperimentError,))
-
-
 if __name__ == "__main__":
-    try:
-        # The default config file loads here, with any --config.key=value applied.
-        define_flags()
-    except Exception as e:  # noqa: BLE001 - a bad override or config file, reported as one line.
-        sys.exit(cli.config_error(e))
-    app.run(main, flags_parser=cli.parse_flags)
+    runner.run_command(define_flags, _run)

@@ -3,15 +3,21 @@
 The experiments (degradation, recipes) name each run, give it a config, and call
 `train_runs`: a run is trained in ROOT/<name>, a finished one (same config, final
 evaluation written) is skipped, and a killed one resumes from its last checkpoint, so
-rerunning an experiment's command continues where it stopped.
+rerunning an experiment's command continues where it stopped. `run_command` is the
+`__main__` of each experiment's command.
 """
 
 import json
 import pathlib
 import sys
+from collections.abc import Callable
+
+from absl import app, logging
+
+# cli comes first: it sets TensorFlow's logging environment before anything imports it.
+from resnet_jax import cli  # isort: skip
 
 import ml_collections
-from absl import logging
 
 
 class ExperimentError(Exception):
@@ -48,3 +54,24 @@ def train_runs(runs: dict[str, ml_collections.ConfigDict], root: pathlib.Path) -
         if result.get("preempted"):
             logging.warning("Stopped by SIGTERM during %s; rerun the command to continue.", name)
             sys.exit(train.PREEMPTED_EXIT_STATUS)
+
+
+def run_command(define_flags: Callable[[], None], run: Callable[[], None]) -> None:
+    """An experiment command's `__main__`: defines its flags, parses them, calls `run`.
+
+    A bad --config (file or override) and an ExperimentError or other user error from
+    `run` end the process with a one-line `error:` message instead of a traceback.
+    """
+    try:
+        # The default config file loads here, with any --config.key=value applied.
+        define_flags()
+    except Exception as e:  # noqa: BLE001 - a bad override or config file, reported as one line.
+        sys.exit(cli.config_error(e))
+
+    def main(argv: list[str]) -> None:
+        cli.start_command()
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        cli.exit_on_user_error(run, extra=(ExperimentError,))
+
+    app.run(main, flags_parser=cli.parse_flags)
