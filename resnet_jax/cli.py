@@ -1,8 +1,4 @@
-"""What the commands share: their start (quiet logs, the compilation cache) and one-line errors.
-
-Import this module before anything that imports TensorFlow: it sets TensorFlow's
-logging environment, which is read once, at TensorFlow's import.
-"""
+"""What the commands share: their start (quiet logs, the compilation cache) and one-line errors."""
 
 import faulthandler
 import logging as std_logging
@@ -13,15 +9,9 @@ import sys
 import time
 from collections.abc import Callable
 
-# TensorFlow only prepares and reads data here. Keep its C++ INFO lines off the console,
-# including the notice that its oneDNN kernels are on: they only serve TensorFlow's own
-# float math, which this project does not use.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from absl import app, flags, logging
 
-from absl import flags, logging  # noqa: E402
-
-from resnet_jax import checkpointing, compile_cache, config_checks, data, workdir_claim  # noqa: E402
+from resnet_jax import checkpointing, compile_cache, config_checks, data, workdir_claim
 
 flags.DEFINE_string(
     "compilation_cache",
@@ -93,13 +83,20 @@ def quiet_libraries() -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def start_command() -> None:
+def reject_arguments(argv: list[str]) -> None:
+    """A command's absl main takes flags only: anything else is a usage error."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+def start_command(argv: list[str]) -> None:
     """What every command does first, inside its absl main (the flags are parsed).
 
-    Hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
+    Rejects arguments that are not flags; hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
     every thread's Python stack (what a stuck run is waiting on); turns on the
     compilation cache of --compilation_cache (exit_on_user_error logs what it did).
     """
+    reject_arguments(argv)
     quiet_libraries()
     sys.unraisablehook = _quiet_closed_loops
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -1,20 +1,15 @@
 """XLA compile options the project's jitted steps pass on CPU: which kernels run the convolutions.
 
-XLA:CPU (jax 0.10) hands each convolution to YNNPACK by default. For ResNet's layers
-that is the slower choice: its weight gradients run at a quarter of the speed of XLA's
-own (Eigen) convolution kernels, and its forward passes and input gradients at about
-half (docs/benchmarks.md, `scripts/conv_benchmark.py`). `config.cpu_convolutions`
-chooses:
+`config.cpu_convolutions` chooses:
 
-- "eigen" (default): convolutions stay on XLA's Eigen kernels; reductions (BatchNorm's
-  statistics) still go to YNNPACK, where they are faster. Same operations, same values
-  up to float rounding (tests/test_compile_options.py compares the losses and gradients
-  of a train step compiled both ways).
+- "eigen" (default): convolutions on XLA's own Eigen kernels, reductions (BatchNorm's
+  statistics) on YNNPACK. XLA:CPU's default sends the convolutions to YNNPACK too, which
+  runs ResNet's weight gradients several times slower (docs/benchmarks.md,
+  `scripts/conv_benchmark.py`). Same values up to float rounding.
 - "xla_default": no option passed, whatever the installed XLA does.
 
-The option is passed per compiled function (`jax.jit(..., compiler_options=...)`), only
-when the default backend is the CPU: GPU and TPU compilations never see it. A jaxlib
-that does not know the option (older or newer than the one measured) gets the default,
+Passed per compiled function (`jax.jit(..., compiler_options=...)`) and only when the
+default backend is the CPU; a jaxlib that does not know the option gets the default,
 with one warning.
 """
 

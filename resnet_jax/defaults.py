@@ -186,6 +186,21 @@ def _overlay(
             config[key] = value
 
 
+def saved_config(values: dict[str, Any], where: str) -> ml_collections.ConfigDict:
+    """A saved run's config (`values`, as JSON gave it) laid over today's defaults.
+
+    The one place where an older run's config meets the current keys: keys it did not
+    record keep their defaults, retired keys are skipped, lists become tuples. Code that
+    reads the result can rely on every key of `get_config()`.
+
+    Raises:
+      ValueError: `values` has a key the defaults lack (`where` names its source).
+    """
+    config = get_config()
+    _overlay(config, values, where)
+    return config
+
+
 def from_workdir(workdir: str | None) -> ml_collections.ConfigDict:
     """The config of the run in `workdir` (its config.json over the defaults).
 
@@ -205,6 +220,4 @@ def from_workdir(workdir: str | None) -> ml_collections.ConfigDict:
             f"{path} does not exist: WORKDIR in configs/from_workdir.py:WORKDIR must be a "
             "run's folder (it writes config.json when training starts)"
         )
-    config = get_config()
-    _overlay(config, json.loads(path.read_text()), str(path))
-    return config
+    return saved_config(json.loads(path.read_text()), str(path))

@@ -17,7 +17,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from resnet_jax import checkpointing, config_checks, data, sharding, steps
+from resnet_jax import checkpointing, config_checks, data, defaults, sharding, steps
 from resnet_jax.models import create_model, validate_model_config
 
 # --mode=eval writes WORKDIR/evaluations/step_<N>.json: one file per evaluated step.
@@ -173,8 +173,8 @@ def load_trained_model(
         raise checkpointing.UnusableStepError(
             step, manager.directory, f"is unusable: {e}", manager.all_steps()
         ) from e
-    config = ml_collections.ConfigDict(meta["config"])
     try:
+        config = defaults.saved_config(meta["config"], f"the metadata of step {step}")
         validate_model_config(config.model)
     except ValueError as e:
         raise checkpointing.UnusableStepError(

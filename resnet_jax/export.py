@@ -45,14 +45,11 @@ from absl import app, flags
 # The TFLite converter's C++ warnings restate its defaults ("Ignored output_format").
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, data  # isort: skip
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import evaluate
+from resnet_jax import cli, data, evaluate
 from resnet_jax.models import create_model
 
 FORMATS = ("stablehlo", "onnx", "savedmodel", "tflite")
@@ -476,9 +473,7 @@ def export(
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start_command(argv)
 
     def run() -> None:
         formats = parse_formats(FLAGS.format)

@@ -25,17 +25,13 @@ import pathlib
 import re
 from typing import Any
 
-from absl import app, flags
-
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, data  # isort: skip
-
 import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import app, flags
 
-from resnet_jax import checkpointing, config_checks, defaults, steps
+from resnet_jax import checkpointing, cli, config_checks, data, defaults, steps
 from resnet_jax.models import ResNet, create_model, model_constructor
 
 FLAGS = flags.FLAGS
@@ -338,9 +334,7 @@ def import_state_dict(
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start_command(argv)
     summary: dict[str, Any] = {}
 
     def run() -> None:

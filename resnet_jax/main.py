@@ -15,7 +15,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
 from resnet_jax import cli, config_checks, data
 
 # Config files import each other (`from configs import default`).
@@ -49,9 +48,7 @@ def _deterministic_gpu() -> None:
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start_command(argv)
     cli.exit_on_user_error(lambda: _run(FLAGS.config))
 
 

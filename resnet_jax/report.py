@@ -22,13 +22,11 @@ import json
 import pathlib
 from typing import Any
 
-from absl import app, flags, logging
-
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli  # isort: skip
-
 import numpy as np
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from resnet_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -372,9 +370,7 @@ def _run() -> None:
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start_command(argv)
     cli.use_checkout_configs()
     cli.exit_on_user_error(_run, extra=(ReportError,), step_flag="--checkpoint=STEP")
 

@@ -28,11 +28,9 @@ def host_waits_for_each_step() -> bool:
     Only on CPU devices, and only with more than one: XLA:CPU runs a multi-device
     program's collectives with one thread per device, and with many such programs queued
     on a loaded machine the threads of two programs can wait on each other until XLA
-    aborts ("Termination timeout for all reduce"). Two processes of two devices each hung
-    in 5 of 11 runs and one process of four devices aborted in 3 of 35; waiting for each
-    step, neither happened in 12 and 35 runs (docs/results.md, "The hang that remained"
-    and "One process, four devices").
-    Accelerators keep jax's asynchronous dispatch.
+    aborts ("Termination timeout for all reduce"); waiting costs little on a CPU
+    (docs/results.md, "The hang that remained"). Accelerators keep jax's asynchronous
+    dispatch.
     """
     return jax.device_count() > 1 and jax.default_backend() == "cpu"
 

@@ -135,8 +135,7 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_arguments(argv)
     cli.quiet_libraries()
     import jax
 

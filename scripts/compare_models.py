@@ -35,9 +35,8 @@ as without it.
 Machine notes: the memory figures are XLA's buffer assignment for the platform it runs
 on; a GPU's differ (other fusions, convolution workspaces), so rerun there for GPU
 figures. On a shared 2-core CPU VM the throughput varies by 10-20% between runs
-(docs/benchmarks.md): compare models within one run. The default models took 321 s
-there (2026-11-30, idle machine; 573 s while another job shared the two cores, which
-also halved the images/s), a third of it DenseNet-100.
+(docs/benchmarks.md): compare models within one run. The default models take about
+5 minutes there, a third of it DenseNet-100 (docs/model_comparison.md has the run).
 """
 
 import json
@@ -245,8 +244,7 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_arguments(argv)
     if FLAGS.batch_size < 2:
         raise app.UsageError("--batch_size must be at least 2 (memory is also compiled at half).")
     if FLAGS.num_classes < 1 or FLAGS.image_size < 1:

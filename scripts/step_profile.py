@@ -77,8 +77,7 @@ def kind_of(name: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.reject_arguments(argv)
     cli.quiet_libraries()
     import jax
     import numpy as np

@@ -10,7 +10,7 @@ import pytest
 from helpers import checked, count, model_config, run_main, shapes, tiny_state
 
 from configs import densenet_bc100, smoke
-from resnet_jax import config_checks, import_torch, sharding, steps
+from resnet_jax import config_checks, defaults, import_torch, sharding, steps
 from resnet_jax.models import create_model, validate_model_config
 
 
@@ -130,7 +130,7 @@ def test_compression_one_keeps_every_channel():
     assert count(params) == densenet_bc_params(16, 12, 10, compression=1.0)
 
 
-def test_a_config_without_the_densenet_keys_still_builds():
+def test_an_old_config_without_the_densenet_keys_still_builds():
     # config.json of runs (and checkpoints' metadata) from before DenseNet lack the keys.
     for name, k12 in (("resnet20", False), ("densenet16", True)):
         old = {
@@ -138,7 +138,7 @@ def test_a_config_without_the_densenet_keys_still_builds():
             for k, v in model_config(name).items()
             if k not in ("growth_rate", "compression", "memory_efficient")
         }
-        model = create_model(ml_collections.ConfigDict(old), 10)
+        model = create_model(defaults.saved_config({"model": old}, "an old run").model, 10)
         x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
         params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
         assert (count(params) == densenet_bc_params(16, 12, 10)) == k12

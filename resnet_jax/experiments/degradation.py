@@ -22,15 +22,12 @@ noisy).
 import json
 import pathlib
 
-from absl import flags, logging
-
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli  # isort: skip
-
 import ml_collections
 import numpy as np
+from absl import flags, logging
 from ml_collections import config_flags
 
+from resnet_jax import cli
 from resnet_jax.experiments import runner
 from resnet_jax.experiments.runner import ExperimentError
 

@@ -40,17 +40,14 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from absl import app, flags, logging
-
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli  # isort: skip
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags, logging
 
+from resnet_jax import cli
 from resnet_jax.experiments import degradation
 
 FLAGS = flags.FLAGS
@@ -533,9 +530,7 @@ def _run() -> None:
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start_command(argv)
     cli.use_checkout_configs()
     cli.exit_on_user_error(_run, extra=(LayerResponsesError,), step_flag="--checkpoint=STEP")
 

@@ -12,12 +12,10 @@ import pathlib
 import sys
 from collections.abc import Callable
 
+import ml_collections
 from absl import app, logging
 
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli  # isort: skip
-
-import ml_collections
+from resnet_jax import cli
 
 
 class ExperimentError(Exception):
@@ -69,9 +67,7 @@ def run_command(define_flags: Callable[[], None], run: Callable[[], None]) -> No
         sys.exit(cli.config_error(e))
 
     def main(argv: list[str]) -> None:
-        cli.start_command()
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        cli.start_command(argv)
         cli.exit_on_user_error(run, extra=(ExperimentError,))
 
     app.run(main, flags_parser=cli.parse_flags)

@@ -127,20 +127,19 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
         )
     if not model_config.bn_epsilon > 0:
         raise ValueError(f"model.bn_epsilon={model_config.bn_epsilon} must be positive.")
-    # Configs saved before DenseNet (a run's config.json, a checkpoint's) lack these keys.
-    growth_rate = model_config.get("growth_rate", 12)
+    growth_rate = model_config.growth_rate
     if isinstance(growth_rate, bool) or not isinstance(growth_rate, int) or growth_rate <= 0:
         raise ValueError(
             f"model.growth_rate={growth_rate!r} must be a positive integer (the feature maps "
             "each DenseNet layer adds; the paper uses 12, 24 or 40)."
         )
-    compression = model_config.get("compression", 0.5)
+    compression = model_config.compression
     if not 0 < compression <= 1:
         raise ValueError(
             f"model.compression={compression} must be in (0, 1] (the fraction of channels a "
             "DenseNet transition keeps; 0.5 is DenseNet-BC, 1 is no compression)."
         )
-    memory_efficient = model_config.get("memory_efficient", False)
+    memory_efficient = model_config.memory_efficient
     if not isinstance(memory_efficient, bool):
         raise ValueError(
             f"model.memory_efficient={memory_efficient!r} must be True or False (True: a "
@@ -174,13 +173,13 @@ def create_model(
     if constructor.func is DenseNet:
         return constructor(
             num_classes=model_config.num_classes or num_classes,
-            growth_rate=model_config.get("growth_rate", 12),
-            compression=model_config.get("compression", 0.5),
+            growth_rate=model_config.growth_rate,
+            compression=model_config.compression,
             width_multiplier=model_config.width_multiplier,
             bn_momentum=model_config.bn_momentum,
             bn_epsilon=model_config.bn_epsilon,
             dtype=dtype,
-            memory_efficient=model_config.get("memory_efficient", False),
+            memory_efficient=model_config.memory_efficient,
         )
     kwargs: dict[str, Any] = {}
     if constructor.keywords.get("stem") is None:
