@@ -89,14 +89,15 @@ def reject_arguments(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
 
-def start_command(argv: list[str]) -> None:
+def start_command(argv: list[str], takes_arguments: bool = False) -> None:
     """What every command does first, inside its absl main (the flags are parsed).
 
-    Rejects arguments that are not flags; hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
+    Rejects arguments that are not flags (unless `takes_arguments`); hides libraries' INFO log lines unless --verbosity=1; makes `kill -USR1 PID` print
     every thread's Python stack (what a stuck run is waiting on); turns on the
     compilation cache of --compilation_cache (exit_on_user_error logs what it did).
     """
-    reject_arguments(argv)
+    if not takes_arguments:
+        reject_arguments(argv)
     quiet_libraries()
     sys.unraisablehook = _quiet_closed_loops
     faulthandler.register(signal.SIGUSR1, all_threads=True)

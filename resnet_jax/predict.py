@@ -165,7 +165,7 @@ def predict_files(
 
 
 def main(argv: list[str]) -> None:
-    cli.start_command()
+    cli.start_command(argv, takes_arguments=True)
     if len(argv) < 2:
         raise app.UsageError("Give one or more image files (or folders) to classify.")
     if FLAGS.batch_size <= 0:
