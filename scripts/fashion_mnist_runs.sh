@@ -6,8 +6,9 @@
 # Rerunning it skips what finished (a workdir with eval_results.json, or a finished run of the
 # degradation experiment) and resumes a killed run from its last checkpoint, so it can be
 # stopped at any point and started again. Needs the image folder data/fashion_mnist
-# (scripts/export_idx.py, see configs/fashion_mnist.py). About 6 hours on a 2-core EPYC VM
-# (the three 30-epoch runs take about an hour each).
+# (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
+# to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
+# figure 6 at 6,000 iterations and 10 for the three 100-epoch runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -49,4 +50,20 @@ done
 train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist/densenet40" \
   --config.model.name=densenet40
 python scripts/summarize_runs.py "$runs"/fmnist_resnet20_* --json_out "$runs/fmnist_accuracy.json"
+# Figure 6 at twice the budget (6,000 iterations, decays at 3,000 and 4,500): at 3,000
+# ResNet-56 ended above ResNet-20, against the paper. The ResNets first (the panel in
+# question; ResNet-56 takes about 3x ResNet-20's time), then the plain nets, then the
+# figure, figure 7 and the gradient norms of the four final checkpoints.
+for name in resnet20 resnet56 plain20 plain56; do
+  train configs/fashion_mnist.py:degradation6000 "$runs/degradation_fmnist_6000/$name" \
+    --config.model.name="$name"
+done
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation6000 \
+  --workdir "$runs/degradation_fmnist_6000" --depths 20,56
+python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist_6000"
+# ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
+# 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
+python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
+  --workdir "$runs/fmnist_100ep" --variants random_erasing --seeds 0,1,2 \
+  --config.num_epochs=100 --config.ema_decay=0.999
 echo "== all runs finished ($(date -u +%FT%TZ))"
