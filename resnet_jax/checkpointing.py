@@ -1,23 +1,25 @@
 """Orbax checkpoints of a run: save, resume past corrupt steps, restore a model to evaluate.
 
-A step is written as three Orbax items under `WORKDIR/checkpoints/<step>/`:
+A step is written under `WORKDIR/checkpoints/<step>/` as the Orbax items that
+`create_manager` registers:
 - `model`: params and batch_stats (all that evaluation needs);
 - `optimizer`: the optax state and the step counter;
 - `ema` (only for runs that keep one): the moving average of params and batch_stats;
-- `meta` (JSON): the run's config, the input position, the parameter shapes and a
-  SHA-256 fingerprint of each of the two array items.
+- `meta` (JSON): the run's config and metadata (`run_meta`), the parameter shapes and a
+  SHA-256 fingerprint of each array item;
+- `data_iterator` (only for the streaming input): its iterator state, one file per process.
 
 Orbax writes a step into a temporary folder and renames it when complete, so a save
 cut short (SIGKILL, preemption) never shows up as a step. A step whose files were
-damaged afterwards fails its fingerprint or its read. Resuming tries the steps newest
-first; once one is restored, the newer ones that failed are moved to
-`WORKDIR/corrupt_checkpoints/` with a warning (a read that fails while an older step of
-the same run reads fine is the step's own fault). If no step can be restored, or a step
-does not fit the configured model or optimizer, nothing is moved: the error says why.
-With several processes they agree on every decision (see `restore_for_resume`).
+damaged afterwards fails its fingerprint or its read. A run starts through `resume`,
+which says in what order a starting state is chosen; `restore_for_resume` skips such
+steps, moves them to `WORKDIR/corrupt_checkpoints/` (never deletes) and keeps several
+processes agreeing on every decision.
 
-The input pipeline is a pure function of (data, seed, step), so the step and the seed
-recorded here are the whole state of the data order and augmentation randomness.
+The input pipeline is a pure function of (data settings, step), so the step and the
+data settings (`run_meta["data"]`, compared in `resume`) are the whole state of the data
+order and augmentation randomness. The format also keeps `meta["rng"]` (seed and step,
+never read) and, in the iterator's file, the few settings its own `set_state` checks.
 """
 
 import enum
@@ -34,6 +36,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
+
+from resnet_jax import config_checks
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -222,7 +226,7 @@ def save(
     manager: ocp.CheckpointManager,
     state: Any,
     config: ml_collections.ConfigDict,
-    run_info: dict[str, Any],
+    run_meta: dict[str, Any],
     metrics: dict[str, float] | None = None,
     data_iterator: Any = None,
 ) -> int:
@@ -232,8 +236,8 @@ def save(
       manager: the run's checkpoint manager.
       state: the train state.
       config: the run's config, stored with the step.
-      run_info: JSON-able facts about the run stored in the step's metadata under their
-        keys (the trainer stores "data", the input position, and "schedule").
+      run_meta: JSON-able facts about the run stored in the step's metadata under their
+        keys (the trainer stores "data", "schedule", "class_names" and "preprocessing").
       metrics: the evaluation of this step, if any ("top1" picks the best step).
       data_iterator: the streaming input's grain iterator, if any: its state (one file
         per process) is saved with the step, through grain's Orbax handler.
@@ -244,10 +248,10 @@ def save(
     step = int(state.step)
     arrays = array_items(state)
     meta = {
-        **run_info,
+        **run_meta,
         "step": step,
         "config": json.loads(config.to_json()),
-        # Order and augmentation are drawn from (seed, step): that is the RNG state.
+        # Kept for the format (nothing reads it): the run's data record is "data".
         "rng": {"seed": config.seed, "step": step},
         "shapes": shapes(arrays["model"]),
         "optimizer_shapes": shapes(arrays["optimizer"]),
@@ -377,14 +381,15 @@ def restore(
     return {name: restored[name] for name in items}, meta
 
 
-def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.Path]:
-    """Moves bad steps out of the manager's sight (nothing is deleted); every process calls it.
+def _quarantine(manager: ocp.CheckpointManager, failed: dict[int, str], restored: int) -> None:
+    """Moves the steps that `failed` out of the manager's sight, with a warning each.
 
-    Process 0 moves the folders; the others wait for it before they list the steps again.
+    Nothing is deleted. Every process calls it: process 0 moves the folders, the others
+    wait for it before they list the steps again.
     """
     root = epath.Path(manager.directory)
     targets = []
-    for step in steps:
+    for step in failed:
         target = root.parent / CORRUPT_DIR / str(step)
         suffix = 0
         while target.exists():
@@ -399,7 +404,15 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.
 
         multihost_utils.sync_global_devices("resnet_jax: corrupt checkpoints moved")
     manager.reload()
-    return targets
+    for (step, why), target in zip(failed.items(), targets, strict=True):
+        logging.warning(
+            "Checkpoint step %d in %s is corrupt (%s), while step %d reads fine: moved it to %s.",
+            step,
+            manager.directory,
+            why,
+            restored,
+            target,
+        )
 
 
 class Outcome(enum.IntEnum):
@@ -428,8 +441,9 @@ def restore_for_resume(
 
     Steps are tried newest first. A step that does not fit the model or the optimizer is
     an error (resuming it would be wrong, not unlucky). Once a step is restored, the newer
-    steps that failed to read are moved to `corrupt_checkpoints/` with a warning. If none
-    can be restored, nothing is moved and the error lists why each failed.
+    steps that failed to read are moved to `corrupt_checkpoints/` with a warning (a read
+    that fails while an older step reads fine is the step's own fault). If none can be
+    restored, nothing is moved and the error lists why each failed.
 
     With several processes, each tries the same step, and they exchange their outcomes
     (a compiled all-gather, run by every process in the same order), so all of them
@@ -438,9 +452,8 @@ def restore_for_resume(
     Returns:
       (state, the step's metadata), or (state, None) if there is no checkpoint.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
     failed: dict[int, str] = {}
-    for step in steps:
+    for step in sorted(manager.all_steps(), reverse=True):
         outcome, error, restored = Outcome.UNUSABLE, None, None
         try:
             restored = restore(manager, step, array_items(state))
@@ -462,17 +475,7 @@ def restore_for_resume(
             continue
         arrays, meta = restored
         if failed:
-            moved = _quarantine(manager, list(failed))
-            for (bad, why), target in zip(failed.items(), moved, strict=True):
-                logging.warning(
-                    "Checkpoint step %d in %s is corrupt (%s), while step %d reads fine: "
-                    "moved it to %s.",
-                    bad,
-                    manager.directory,
-                    why,
-                    step,
-                    target,
-                )
+            _quarantine(manager, failed, step)
         state = state.replace(
             params=arrays["model"]["params"],
             batch_stats=arrays["model"]["batch_stats"],
@@ -491,6 +494,67 @@ def restore_for_resume(
             "--workdir (or after moving the checkpoints folder aside)."
         )
     return state, None
+
+
+def resume(
+    manager: ocp.CheckpointManager,
+    state: Any,
+    run_meta: dict[str, Any],
+    allow_schedule_change: bool = False,
+) -> tuple[Any, bool]:
+    """The state a run starts from, and whether its input continues from the checkpoint's.
+
+    The starting state is, in this order:
+    1. the newest step that every process can restore (`restore_for_resume`), weights
+       imported by `import_torch` (step 0) included;
+    2. otherwise `state` as given, the fresh initialisation.
+    A restored step with a learning-rate schedule other than `run_meta["schedule"]` is
+    refused (the rate would jump) unless `allow_schedule_change`; one with data settings
+    other than `run_meta["data"]` continues with a warning, on other batches.
+
+    Returns:
+      (state, whether a step saved with this run's data settings was restored: then the
+      input state saved with it (`restore_data_iterator`) continues the same batches).
+
+    Raises:
+      CheckpointError: as `restore_for_resume`.
+      config_checks.ConfigError: the schedule changed and `allow_schedule_change` is off.
+    """
+    state, meta = restore_for_resume(manager, state)
+    if meta is None:
+        return state, False
+    same_data = meta.get("data") == run_meta["data"]
+    if "imported" in meta and meta["step"] == 0:
+        logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
+    elif not same_data:
+        logging.warning(
+            "The input settings differ from those of the checkpoint (%s, now %s): training "
+            "continues from step %d, but not with the batches an uninterrupted run would see.",
+            meta["data"],
+            run_meta["data"],
+            meta["step"],
+        )
+    saved, now = meta.get("schedule", run_meta["schedule"]), run_meta["schedule"]
+    if saved != now:
+        changed = ", ".join(
+            f"{k}: {saved.get(k)} -> {now.get(k)}"
+            for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)
+        )
+        if not allow_schedule_change:
+            raise config_checks.ConfigError(
+                f"The learning-rate schedule differs from that of the checkpoint at step "
+                f"{meta['step']} in {manager.directory} ({changed}), so the rate would jump "
+                "there. Resume with the run's settings (its config.json), pass "
+                "--config.allow_schedule_change=True to continue on the new schedule, or "
+                "use a new --workdir."
+            )
+        logging.warning(
+            "Continuing from step %d on a changed learning-rate schedule (%s).",
+            meta["step"],
+            changed,
+        )
+    return state, same_data
 
 
 def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator: Any) -> bool:

@@ -35,9 +35,7 @@ from resnet_jax import (
 from resnet_jax.data import augment
 from resnet_jax.models import create_model
 
-# Exit status of a run stopped by SIGTERM after saving: 128 + SIGTERM, what a shell reports
-# for a process that SIGTERM ended. Schedulers read non-zero as "not finished": Kubernetes
-# (restartPolicy OnFailure), systemd (Restart=on-failure) and SLURM job scripts rerun it.
+# 128 + SIGTERM, as a shell reports it: non-zero, so whatever restarts failed jobs reruns it.
 PREEMPTED_EXIT_STATUS = 128 + int(signal.SIGTERM)
 
 
@@ -91,8 +89,10 @@ def _data_settings(
 ) -> dict[str, Any]:
     """What decides the order and content of the training batches (besides the step).
 
-    The train step's augmentations are recorded only when one is on, so that checkpoints
-    of runs without them keep the record they always had.
+    The run's one record of its data settings: saved with each step as "data" and
+    compared on resume by `checkpointing.resume`. The train step's augmentations are
+    recorded only when one is on, so that checkpoints of runs without them keep the
+    record they always had.
     """
     augmentation = augment.Settings.from_config(config)
     extra = {"augmentation": dataclasses.asdict(augmentation)} if augmentation.active else {}
@@ -111,46 +111,6 @@ def _data_settings(
         "random_flip": config.random_flip,
         **extra,
     }
-
-
-def _resume(
-    manager, state, run_meta: dict[str, Any], config: ml_collections.ConfigDict
-) -> tuple[steps.TrainState, dict[str, Any] | None]:
-    """The state to start from, and the metadata of the checkpoint it came from (or None)."""
-    state, meta = checkpointing.restore_for_resume(manager, state)
-    if meta is None:
-        return state, None
-    if "imported" in meta and meta["step"] == 0:
-        logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
-    elif meta.get("data") != run_meta["data"]:
-        logging.warning(
-            "The input settings differ from those of the checkpoint (%s, now %s): training "
-            "continues from step %d, but not with the batches an uninterrupted run would see.",
-            meta["data"],
-            run_meta["data"],
-            meta["step"],
-        )
-    saved, now = meta.get("schedule", run_meta["schedule"]), run_meta["schedule"]
-    if saved != now:
-        changed = ", ".join(
-            f"{k}: {saved.get(k)} -> {now.get(k)}"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)
-        )
-        if not config.allow_schedule_change:
-            raise config_checks.ConfigError(
-                f"The learning-rate schedule differs from that of the checkpoint at step "
-                f"{meta['step']} in {manager.directory} ({changed}), so the rate would jump "
-                "there. Resume with the run's settings (its config.json), pass "
-                "--config.allow_schedule_change=True to continue on the new schedule, or "
-                "use a new --workdir."
-            )
-        logging.warning(
-            "Continuing from step %d on a changed learning-rate schedule (%s).",
-            meta["step"],
-            changed,
-        )
-    return state, meta
 
 
 def _claim(workdir, cleanup: contextlib.ExitStack) -> None:
@@ -186,9 +146,9 @@ def _claim(workdir, cleanup: contextlib.ExitStack) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, evaluates periodically and at the end.
 
-    The starting state is, in this order: the newest readable checkpoint in
-    `workdir/checkpoints`, else a fresh initialisation from `config.seed`. A SIGTERM
-    saves a checkpoint at the next step boundary and returns early.
+    The starting state is the newest readable checkpoint in `workdir/checkpoints`, else
+    a fresh initialisation from `config.seed` (`checkpointing.resume` gives the order and
+    the checks). A SIGTERM saves a checkpoint at the next step boundary and returns early.
 
     Returns:
       The final evaluation (also written to `workdir/eval_results.json`), or
@@ -248,7 +208,7 @@ def _train_and_evaluate(
         "class_names": list(inputs.class_names),
         "preprocessing": data.preprocessing(config),
     }
-    state, resumed = _resume(manager, state, run_meta, config)
+    state, same_data = checkpointing.resume(manager, state, run_meta, config.allow_schedule_change)
     start_step = int(state.step)
 
     logging.info(
@@ -287,9 +247,11 @@ def _train_and_evaluate(
     batches = inputs.train_batches(local_batch, start_step)
     cleanup.callback(batches.close)
     saved_iterator = batches.checkpointable
-    if saved_iterator is not None and resumed and resumed.get("data") == run_meta["data"]:
+    if saved_iterator is not None and same_data:
         # The stream's saved state (its next step): the same batches as start_step gives.
         checkpointing.restore_data_iterator(manager, start_step, saved_iterator)
+
+    train_metrics = steps.empty_metrics(steps.TrainMetrics, mesh)
 
     def save(eval_results: dict[str, Any] | None = None) -> None:
         # Never save a diverged state: check the steps not yet logged first.
@@ -297,7 +259,6 @@ def _train_and_evaluate(
         _check_finite(int(first), int(state.step))
         checkpointing.save(manager, state, config, run_meta, eval_results, saved_iterator)
 
-    train_metrics = steps.empty_metrics(steps.TrainMetrics, mesh)
     wait_each_step = sharding.host_waits_for_each_step()
     eval_results: dict[str, Any] = {}
     interval_start, interval_step = time.perf_counter(), start_step
