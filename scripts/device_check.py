@@ -133,6 +133,7 @@ def measure_step(settings: dict[str, Any]) -> dict[str, Any]:
     timing.flop_rates(result, config, mesh, _num_classes(config))
     result["model"], result["image_size"] = config.model.name, config.image_size
     if settings.get("trace"):
+        print(json.dumps(result), flush=True)  # Kept if the trace overruns the part's limit.
         result.update(timing.trace_steps(train_round, TRACE_STEPS, settings["trace"]))
     return result
 
@@ -235,9 +236,9 @@ def run_part(part: str, settings: dict[str, Any], limit: float) -> dict[str, Any
     status, output, seconds = timing.run_limited(command, _environment(settings), limit)
     row = {"part": part, **settings, "status": status, "seconds": round(seconds, 1)}
     found = [line for line in output.splitlines() if line.startswith("{")]
-    if status == "ok" and found:
+    if found:  # Also from a part cut short: it prints its figures before a trace.
         row.update(json.loads(found[-1]))
-    elif status != "ok" and "timed out" not in status:
+    if status != "ok" and "timed out" not in status:
         row["note"] = _last_line(output)
     return row
 

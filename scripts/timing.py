@@ -295,8 +295,11 @@ def trace_steps(
     for count in dict.fromkeys((steps, 1)):
         with tempfile.TemporaryDirectory(prefix="trace_") as tmp:
             start = time.perf_counter()
-            with jax.profiler.trace(tmp, profiler_options=options):
-                run_steps(count)
+            try:
+                with jax.profiler.trace(tmp, profiler_options=options):
+                    run_steps(count)
+            except Exception as e:  # A profiler that fails (no CUPTI, say) costs no figures.
+                return {"trace_note": f"jax.profiler failed: {type(e).__name__}: {e}"[:300]}
             step_ms = 1e3 * (time.perf_counter() - start) / count
             found = {
                 kind: sorted(pathlib.Path(tmp).rglob(f"*.{kind}"))[-1:] for kind in TRACE_FILES

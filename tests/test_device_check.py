@@ -139,7 +139,7 @@ def test_the_check_counts_3x_the_summarys_forward_flops(net, batch, dtype, gflop
     assert counted["flop_count"] == timing.FLOP_COUNT
 
 
-def test_a_trace_over_its_limit_is_retaken_with_one_step_then_removed(tmp_path):
+def test_a_trace_over_its_limit_is_retaken_with_one_step_then_dropped(tmp_path):
     import jax
     import jax.numpy as jnp
 
@@ -162,6 +162,13 @@ def test_a_trace_over_its_limit_is_retaken_with_one_step_then_removed(tmp_path):
     removed = timing.trace_steps(run, 3, str(tmp_path / "removed"), max_bytes=100)
     assert calls == [3, 3, 1] and len(list(tmp_path.iterdir())) == 2
     assert set(removed) == {"trace_note"} and "over 100: not kept" in removed["trace_note"]
+
+    def broken(count):
+        raise RuntimeError("no CUPTI")
+
+    failed = timing.trace_steps(broken, 3, str(tmp_path / "failed"))
+    assert failed == {"trace_note": "jax.profiler failed: RuntimeError: no CUPTI"}
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_parts_past_the_budget_are_skipped_and_recorded(tmp_path):
