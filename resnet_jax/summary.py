@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
+from flax import linen as nn
 from jax.extend import core as jax_core
 
 from resnet_jax import data, steps
@@ -45,17 +46,33 @@ def _conv_and_dense_flops(jaxpr: jax_core.Jaxpr) -> int:
     return total + sum(_conv_and_dense_flops(sub) for sub in jax_core.subjaxprs(jaxpr))
 
 
-def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Returns parameter counts, forward FLOPs per example and the parameter table."""
-    num_classes = config.model.num_classes or data.num_classes(config)
-    model = create_model(config.model, num_classes, config.half_precision)
-    image = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = steps.variables_template(model, config.image_size)
+def _forward(model: nn.Module, image_size: int) -> tuple[Any, dict[str, Any], Any]:
+    """The eval-mode forward of one image, its variables' shapes and the image's shape."""
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = steps.variables_template(model, image_size)
 
     def forward(variables, x):
         return model.apply(variables, x, train=False)
 
-    jaxpr = jax.make_jaxpr(forward)(variables, image).jaxpr
+    return forward, variables, image
+
+
+def forward_flops(model: nn.Module, image_size: int) -> int:
+    """FLOPs of `model`'s forward pass per `image_size` square image, as `--mode=summary` counts.
+
+    Counted from the traced computation (no device, nothing compiled), so the count is
+    the same on every backend; a train step costs about 3 times this (the backward
+    computes two gradients per convolution, each about the forward's cost).
+    """
+    forward, variables, image = _forward(model, image_size)
+    return _conv_and_dense_flops(jax.make_jaxpr(forward)(variables, image).jaxpr)
+
+
+def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Returns parameter counts, forward FLOPs per example and the parameter table."""
+    num_classes = config.model.num_classes or data.num_classes(config)
+    model = create_model(config.model, num_classes, config.half_precision)
+    forward, variables, image = _forward(model, config.image_size)
     xla_cost = jax.jit(forward).lower(variables, image).cost_analysis()
     return {
         "model": config.model.name,
@@ -63,7 +80,7 @@ def model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "image_size": config.image_size,
         "total_params": int(parameter_overview.count_parameters(variables["params"])),
         "batch_stats": int(parameter_overview.count_parameters(variables.get("batch_stats", {}))),
-        "flops_per_example": _conv_and_dense_flops(jaxpr),
+        "flops_per_example": forward_flops(model, config.image_size),
         "xla_flops_per_example": int(xla_cost["flops"]) if xla_cost else None,
         "table": parameter_overview.get_parameter_overview(
             variables["params"], include_stats=False

@@ -9,8 +9,9 @@ Measures, after warm-up, as medians:
   rounds alternating with PyTorch's and split before and after the training loop (a
   shared machine's speed drifts: each comparison sees the same conditions); also its
   compile time, XLA's FLOP count (all devices) and memory estimate (per device), the
-  device's peak memory where it reports one (GPU, TPU), and on known GPUs/TPUs the
-  achieved fraction of peak FLOP/s;
+  device's peak memory where it reports one (GPU, TPU), and the achieved FLOP/s (and on
+  known GPUs/TPUs the fraction of peak) from the model's FLOP count (timing.FLOP_COUNT:
+  XLA's count leaves out cuDNN's convolutions on GPUs);
 - eval: the compiled eval step, images/s;
 - input: the device-resident training input (data.device.DeviceTrainBatches with the
   configured crop and flip, uint8 batches drawn on the devices) on random uint8 images,
@@ -113,6 +114,7 @@ def _print_table(result: dict[str, Any]) -> None:
         ("compile", "compile_s", "s"),
         ("train step, XLA FLOPs", "train_step_gflop", "GFLOP"),
         ("train step, XLA memory", "train_step_memory_bytes_per_device", "bytes/device"),
+        ("train step, model FLOPs", "train_gflop_per_image", "GFLOP/image"),
         ("achieved", "achieved_tflop_per_s", "TFLOP/s"),
         ("fraction of peak", "fraction_of_peak", ""),
         ("PyTorch train step", "torch_train_img_per_s", "images/s"),
@@ -187,7 +189,7 @@ def main(argv: list[str]) -> None:
     result["train_img_per_s_rounds"] = train_rates
     result["torch_train_img_per_s"] = statistics.median(torch_rates) if torch_rates else None
     result["torch_train_img_per_s_rounds"] = torch_rates
-    timing.flop_rates(result, config, mesh)
+    timing.flop_rates(result, config, mesh, num_classes)
     result["loop_vs_step"] = (
         result["loop_img_per_s"] / result["train_img_per_s"] if result["loop_img_per_s"] else None
     )

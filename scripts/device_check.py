@@ -1,29 +1,51 @@
 """One command that measures a GPU or TPU host within minutes: a JSON and a markdown table.
 
-    python scripts/device_check.py                   # ResNet-18, CIFAR-100 sizes, <= 8 minutes
+    python scripts/device_check.py                   # <= 8 minutes (--budget_s=480)
     python scripts/device_check.py --budget_s=300 --out=/tmp/check
     python scripts/device_check.py --tiny            # CPU-sized, for tests/test_device_check.py
 
-Parts, in this order, each in a subprocess of its own with a hard time limit (killed
-when it runs over, recorded as such, and the check goes on); the whole check stops
-starting parts when --budget_s is spent:
+Parts, in this order, each in a subprocess of its own with a hard time limit (LIMITS:
+killed when it runs over, recorded as such, and the check goes on); no part starts once
+--budget_s is spent, and each part's limit is cut to what is left of it, so the whole
+check ends within --budget_s (plus a second or two of writing):
 
 - step: the train step of ResNet-18 (CIFAR stem, 100 classes, 32 px) at batch 128, 512
-  and 1024, in float32 and bfloat16: images/s, achieved TFLOP/s and the fraction of the
-  chip's peak (known chips, scripts/timing.py), the device's peak memory, the compile
-  time; and the eval step's images/s at the same batch;
-- deterministic: the bfloat16 step at batch 512 with config.deterministic=True (XLA's
-  deterministic GPU kernels), beside the same row without;
+  and 1024, in float32 and bfloat16: images/s, time per step and its compute floor (the
+  step's FLOPs at the chip's peak), achieved TFLOP/s and the fraction of the chip's peak
+  (known chips, scripts/timing.py), the device's peak memory, the compile time; and the
+  eval step's images/s at the same batch. FLOPs are counted from the model (3 x the
+  forward's FLOPs of --mode=summary, timing.FLOP_COUNT), not by XLA's cost analysis,
+  which on GPUs leaves out the convolutions run by cuDNN. The bfloat16 step at the
+  largest batch (the headline) is also traced: a jax.profiler trace of TRACE_STEPS steps,
+  OUT/profile_resnet18.*, under timing.TRACE_MAX_BYTES;
+- deterministic: that headline step with config.deterministic=True (XLA's deterministic
+  GPU kernels);
+- resnet20: the paper's CIFAR-10 ResNet-20 (configs/paper_cifar10.py:20, float32) at
+  its batch of 128, traced as well (OUT/profile_resnet20.*): so small a step is bound by
+  launches and latency rather than arithmetic, and the trace shows where it goes;
+- resnet50: ResNet-50 at 224 px, bfloat16, 1000 classes (configs/resnet50_imagenet.py)
+  at batch 256;
 - input: the device-resident training input (crop + flip drawn on the device) at 32 px;
-- main: `python -m resnet_jax.main --config configs/resnet18.py` on a generated
-  CIFAR-shaped image folder for two epochs: time to the first step (input, initialisation,
-  compilation) and time per epoch, scaled to CIFAR's 50,000 images;
-- torch: the same step in PyTorch when it sees a GPU (channels_last, bfloat16 autocast;
-  then torch.compile, which may not finish in its limit); on a CPU only with --tiny.
+- main: `python -m resnet_jax.main --config configs/resnet18.py` (bfloat16, the largest
+  batch) on a generated CIFAR-shaped image folder for two epochs: time to the first step
+  (input, initialisation, compilation) and time per epoch, scaled to CIFAR's 50,000 images;
+- torch: the ResNet-18 step in PyTorch at the largest batch when it sees a GPU
+  (channels_last, bfloat16 autocast; then torch.compile, which may not finish in its
+  limit); on a CPU only with --tiny.
+
+Time on one H200, estimated from a run of 234 s for seven rows at batches 512 and 1024
+(issue 38): 25 to 33 s per step row (a process start, two compilations, the timing), 60
+to 90 s for resnet50 (ResNet-50's convolutions autotuned), 60 s for main and for
+torch.compile, 15 to 20 s for input and torch: 440 to 520 s for the 13 rows. The 480 s budget stops it: the rows that may not fit are the last,
+torch.compile's (measured already, docs/benchmarks.md), and the new ones come early.
 
 Writes OUT/device_check.json (every row, with its status and the machine) and
-OUT/device_check.md, after every part, so a check cut short keeps what it measured.
-Record the table in docs/benchmarks.md with the command that made it.
+OUT/device_check.md, after every part, so a check cut short keeps what it measured; the
+traces beside them, OUT/profile_<net>.xplane.pb and .trace.json.gz (under 6 MB each
+pair; Perfetto's UI opens the .trace.json.gz, TensorBoard's profile tab the .xplane.pb
+once it is copied to LOGDIR/plugins/profile/RUN/; each traced row's JSON also sums the
+trace per line in trace_ms_per_step). Record the table in docs/benchmarks.md with the
+command that made it.
 """
 
 import json
@@ -52,19 +74,39 @@ flags.DEFINE_list("parts", None, "Only these parts (default: all), e.g. step,mai
 flags.DEFINE_bool("torch_compile", True, "Also time PyTorch's step under torch.compile.")
 
 # Hard limits per subprocess, in seconds (one `step` row is one subprocess).
-LIMITS = {"step": 75, "deterministic": 75, "input": 45, "main": 150, "torch": 90}
+LIMITS = {
+    "step": 75,
+    "deterministic": 75,
+    "resnet20": 75,
+    "resnet50": 150,
+    "input": 45,
+    "main": 150,
+    "torch": 90,
+}
 # What is measured at full size and with --tiny.
 FULL = {"batches": (128, 512, 1024), "steps": 20, "repeats": 3, "main_images": 8192}
 TINY = {"batches": (8,), "steps": 2, "repeats": 1, "main_images": 64}
+# The nets of the rows at full size: (config, its argument, classes, batch, dtype).
+NETS = {
+    "resnet18": ("resnet18", None, 100, None, None),
+    "resnet20": ("paper_cifar10", "20", 10, 128, "float32"),
+    "resnet50": ("resnet50_imagenet", None, 1000, 256, "bfloat16"),
+}
+# Traced steps of the traced rows (the headline step and resnet20).
+TRACE_STEPS = 3
 
 
 def _config(settings: dict[str, Any]):
-    """The headline config (or the tiny net) at the row's batch size and dtype."""
-    from configs import resnet18, smoke
+    """The row's net (or, with --tiny, configs/smoke.py's) at its batch size and dtype."""
+    import importlib
 
-    config = smoke.get_config() if settings["tiny"] else resnet18.get_config()
-    if not settings["tiny"]:
-        config.model.num_classes = 100
+    module, argument, num_classes, _, _ = NETS[settings.get("net", "resnet18")]
+    if settings["tiny"]:
+        config = importlib.import_module("configs.smoke").get_config()
+    else:
+        get_config = importlib.import_module(f"configs.{module}").get_config
+        config = get_config(argument) if argument else get_config()
+        config.model.num_classes = num_classes
     config.batch_size = config.eval_batch_size = settings.get("batch_size", config.batch_size)
     config.half_precision = settings.get("dtype") == "bfloat16"
     config.deterministic = settings.get("deterministic", False)
@@ -88,8 +130,23 @@ def measure_step(settings: dict[str, Any]) -> dict[str, Any]:
         config, mesh, _num_classes(config), settings["steps"], settings["repeats"]
     )
     result["train_img_per_s"] = max(train_round() for _ in range(settings["repeats"]))
-    timing.flop_rates(result, config, mesh)
+    timing.flop_rates(result, config, mesh, _num_classes(config))
+    result["model"], result["image_size"] = config.model.name, config.image_size
+    if settings.get("trace"):
+        print(json.dumps(result), flush=True)  # Kept if the trace overruns the part's limit.
+        result.update(timing.trace_steps(train_round, TRACE_STEPS, settings["trace"]))
     return result
+
+
+def count_flops(settings: dict[str, Any]) -> dict[str, Any]:
+    """The row's FLOPs per image, as measure_step counts them, without running anything."""
+    config = _config(settings)
+    return {
+        "model": config.model.name,
+        "image_size": config.image_size,
+        "train_gflop_per_image": timing.train_flops_per_image(config, _num_classes(config)) / 1e9,
+        "flop_count": timing.FLOP_COUNT,
+    }
 
 
 def measure_input(settings: dict[str, Any]) -> dict[str, Any]:
@@ -128,8 +185,12 @@ def machine(settings: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     device = jax.devices()[0]
+    peaks = {
+        dtype: timing.peak_flops(device, dtype == "bfloat16") for dtype in ("bfloat16", "float32")
+    }
     return {
         "device_kind": device.device_kind,
+        "peak_tflop_per_s": {dtype: peak and peak / 1e12 for dtype, peak in peaks.items()},
         "platform": device.platform,
         "devices": jax.device_count(),
         "host_cores": len(os.sched_getaffinity(0)),
@@ -141,6 +202,9 @@ def machine(settings: dict[str, Any]) -> dict[str, Any]:
 MEASURE = {
     "step": measure_step,
     "deterministic": measure_step,
+    "resnet20": measure_step,
+    "resnet50": measure_step,
+    "flops": count_flops,  # For tests/test_device_check.py: a row's FLOPs, nothing run.
     "input": measure_input,
     "torch": measure_torch,
     "folder": write_folder,  # Steps of the main part, and the machine's description.
@@ -172,9 +236,9 @@ def run_part(part: str, settings: dict[str, Any], limit: float) -> dict[str, Any
     status, output, seconds = timing.run_limited(command, _environment(settings), limit)
     row = {"part": part, **settings, "status": status, "seconds": round(seconds, 1)}
     found = [line for line in output.splitlines() if line.startswith("{")]
-    if status == "ok" and found:
+    if found:  # Also from a part cut short: it prints its figures before a trace.
         row.update(json.loads(found[-1]))
-    elif status != "ok" and "timed out" not in status:
+    if status != "ok" and "timed out" not in status:
         row["note"] = _last_line(output)
     return row
 
@@ -235,52 +299,88 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _net(row: dict[str, Any]) -> str:
+    """The row's net: as measured, else as planned (with --tiny, every row is the tiny net)."""
+    return row.get("model") or ("-" if row.get("tiny") else row.get("net", "-"))
+
+
+def _size(nbytes: float | None) -> str:
+    return f"{nbytes / 2**20:.1f} MB" if nbytes else "-"
+
+
 def markdown(check: dict[str, Any]) -> str:
     machine = {
         key: check["machine"].get(key, "?")
         for key in ("devices", "device_kind", "platform", "host_cores", "jax", "date")
     }
+    peaks = check["machine"].get("peak_tflop_per_s") or {}
+    peak = (
+        f"{_fmt(peaks['bfloat16'])} TFLOP/s bfloat16 and {_fmt(peaks['float32'])} float32 "
+        "(TF32 on NVIDIA GPUs), dense, vendor figures (scripts/timing.py PEAK_FLOPS)"
+        if peaks.get("bfloat16")
+        else "unknown for this device"
+    )
     lines = [
         f"Device check: {machine['devices']} x {machine['device_kind']} ({machine['platform']}), "
         f"{machine['host_cores']} host cores, jax {machine['jax']}, {machine['date']}; "
         f"{check['total_s']:.0f} s of a {check['budget_s']:.0f} s budget.",
         "",
-        "| part | batch | dtype | images/s | TFLOP/s | of peak | peak memory | compile s | "
-        "status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| part | net | batch | px | dtype | images/s | ms per step (floor) | GFLOP per image "
+        "| TFLOP/s | of peak | peak memory | compile s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    traces = []
     for row in check["rows"]:
         part = row["part"] + (" (torch.compile)" if row.get("compiled") else "")
         if row.get("deterministic"):
             part += " (deterministic=True)"
-        peak = row.get("device_peak_bytes")
+        peak_bytes = row.get("device_peak_bytes")
         compile_s = row.get("compile_s", row.get("first_step_s"))
         status = row["status"] + (f": {row['note']}" if row.get("note") else "")
         rate = row.get("train_img_per_s", row.get("input_img_per_s"))
+        step_ms = _fmt(row.get("step_ms"))
+        if row.get("floor_ms"):
+            step_ms += f" ({_fmt(row['floor_ms'])})"
         extra = []
         if row.get("eval_img_per_s"):
             extra.append(f"eval {_fmt(row['eval_img_per_s'])} images/s")
         if row.get("cifar_epoch_s"):
             extra.append(f"{_fmt(row['cifar_epoch_s'])} s per 50k-image epoch")
+        if row.get("trace_note"):
+            extra.append(f"trace: {row['trace_note']}")
+        if row.get("trace_files"):
+            where = pathlib.Path(row["trace"]).name
+            extra.append(f"traced: {where}")
+            traces.append(
+                f"{where}.* ({row['trace_steps']} steps of {_net(row)}, "
+                f"{_size(row['trace_bytes'])}, {_fmt(row['traced_step_ms'])} ms per traced step)"
+            )
         if extra:
             status += " (" + ", ".join(extra) + ")"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    part,
-                    _fmt(row.get("batch_size")),
-                    row.get("dtype", "-"),
-                    _fmt(rate),
-                    _fmt(row.get("achieved_tflop_per_s")),
-                    _fmt(row.get("fraction_of_peak"), 2),
-                    f"{peak / 2**30:.2f} GiB" if peak else "-",
-                    _fmt(compile_s),
-                    status,
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            part,
+            _net(row),
+            _fmt(row.get("batch_size")),
+            _fmt(row.get("image_size")),
+            row.get("dtype", "-"),
+            _fmt(rate),
+            step_ms,
+            _fmt(row.get("train_gflop_per_image")),
+            _fmt(row.get("achieved_tflop_per_s")),
+            _fmt(row.get("fraction_of_peak"), 2),
+            f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "-",
+            _fmt(compile_s),
+            status,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"FLOPs: {timing.FLOP_COUNT}; XLA's own count of the step (train_step_gflop in the "
+        "JSON) leaves out the convolutions that GPUs run as cuDNN calls. The floor is the "
+        f"step's FLOPs at the peak. Peak: {peak}.",
+    ]
+    if traces:
+        lines.append(f"Traces, beside this table: {'; '.join(traces)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -294,37 +394,30 @@ def _limits() -> dict[str, float]:
     return limits
 
 
-def plan(sizes: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def plan(sizes: dict[str, Any], out: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
     """Every row of the check, in order: (part, settings)."""
     base = {"tiny": FLAGS.tiny, "steps": sizes["steps"], "repeats": sizes["repeats"]}
+    largest = sizes["batches"][-1]
+    headline = {**base, "net": "resnet18", "batch_size": largest, "dtype": "bfloat16"}
     rows = [
-        ("step", {**base, "batch_size": batch, "dtype": dtype})
+        ("step", {**base, "net": "resnet18", "batch_size": batch, "dtype": dtype})
         for dtype in ("float32", "bfloat16")
         for batch in sizes["batches"]
     ]
-    middle = sizes["batches"][len(sizes["batches"]) // 2]
-    rows.append(
-        (
-            "deterministic",
-            {**base, "batch_size": middle, "dtype": "bfloat16", "deterministic": True},
-        )
-    )
-    rows.append(("input", {**base, "batch_size": sizes["batches"][-1]}))
-    rows.append(
-        (
-            "main",
-            {
-                **base,
-                "batch_size": middle,
-                "dtype": "bfloat16",
-                "main_images": sizes["main_images"],
-            },
-        )
-    )
+    assert rows[-1][1] == headline
+    rows[-1][1]["trace"] = str(out / "profile_resnet18")
+    rows.append(("deterministic", {**headline, "deterministic": True}))
+    for net in ("resnet20", "resnet50"):
+        _, _, _, batch, dtype = NETS[net]
+        settings = {**base, "net": net, "dtype": dtype}
+        settings["batch_size"] = sizes["batches"][0] if FLAGS.tiny else batch
+        if net == "resnet20":
+            settings["trace"] = str(out / "profile_resnet20")
+        rows.append((net, settings))
+    rows.append(("input", {**base, "batch_size": largest}))
+    rows.append(("main", {**headline, "main_images": sizes["main_images"]}))
     for compiled in (False, True) if FLAGS.torch_compile else (False,):
-        rows.append(
-            ("torch", {**base, "batch_size": middle, "dtype": "bfloat16", "compiled": compiled})
-        )
+        rows.append(("torch", {**headline, "compiled": compiled}))
     return [row for row in rows if FLAGS.parts is None or row[0] in FLAGS.parts]
 
 
@@ -338,7 +431,7 @@ def check() -> dict[str, Any]:
     # jax would reserve most of the memory. Each part runs in a process of its own.
     found = run_part("machine", {}, limits["step"])
     result = {"machine": found, "budget_s": FLAGS.budget_s, "rows": [], "total_s": 0.0}
-    for part, settings in plan(TINY if FLAGS.tiny else FULL):
+    for part, settings in plan(TINY if FLAGS.tiny else FULL, out.resolve()):
         left = deadline - time.perf_counter()
         if left < 5:
             row = {"part": part, **settings, "status": "skipped: the budget is spent"}

@@ -1,10 +1,15 @@
-"""What the speed scripts (benchmark.py, compare_models.py, input_benchmark.py) share."""
+"""What the speed scripts (benchmark.py, device_check.py, compare_models.py, input_benchmark.py)
+share."""
 
+import collections
+import gzip
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -125,19 +130,27 @@ def print_json(result: dict[str, Any], json_out: str | None) -> None:
     print(line)
 
 
-# Dense peak FLOP/s by device kind (vendor figures), for the fraction of peak.
+# Dense peak FLOP/s by device kind (vendor datasheets, without sparsity), for the fraction
+# of peak: (bfloat16, float32). On NVIDIA GPUs a float32 step runs its convolutions and
+# matmuls as TF32 on the tensor cores (XLA's default precision), so its peak is TF32's:
+# H100/H200 SXM 989 / 494 TFLOP/s (NVIDIA H200 and H100 datasheets), A100 312 / 156, L4
+# 121 / 60. The TPUs' float32 figures are half the bfloat16 peak, a placeholder.
 PEAK_FLOPS = {
-    # kind substring: (bfloat16, float32)
-    "H200": (989e12, 67e12),
-    "H100": (989e12, 67e12),
-    "A100": (312e12, 19.5e12),
-    "L4": (121e12, 30e12),
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L4": (121e12, 60e12),
     "TPU v4": (275e12, 275e12 / 2),
     "TPU v5 lite": (197e12, 197e12 / 2),
     "TPU v5e": (197e12, 197e12 / 2),
     "TPU v5p": (459e12, 459e12 / 2),
     "TPU v6": (918e12, 918e12 / 2),
 }
+# How the FLOP rates count FLOPs, for the tables and JSON that show them.
+FLOP_COUNT = (
+    "model count: 3 x the forward's FLOPs of --mode=summary (2 x multiply-adds of every "
+    "convolution and matmul, padding included), the same on every backend"
+)
 
 
 def peak_flops(device: Any, half_precision: bool) -> float | None:
@@ -148,14 +161,28 @@ def peak_flops(device: Any, half_precision: bool) -> float | None:
     return None
 
 
+def train_flops_per_image(config: Any, num_classes: int) -> int:
+    """FLOPs of one image's train step counted from the model: 3 x its forward's.
+
+    Not XLA's cost analysis: on GPUs that leaves out the convolutions run as cuDNN calls
+    (150 times too few for ResNet-18 on an H200), and it skips the zero padding that the
+    papers' convention (--mode=summary) counts.
+    """
+    from resnet_jax import summary
+    from resnet_jax.models import create_model
+
+    model = create_model(config.model, num_classes, config.half_precision)
+    return 3 * summary.forward_flops(model, config.image_size)
+
+
 def step_timers(
     config: Any, mesh: Any, num_classes: int, steps: int, repeats: int
-) -> tuple[dict[str, Any], Callable[[], float]]:
+) -> tuple[dict[str, Any], Callable[..., float]]:
     """Compiles and measures the eval step; returns the figures and a timer of train steps.
 
-    The timer runs `steps` train steps (state and metrics donated, the batch already on
-    the devices) and returns their images/s; benchmark.py calls it in rounds interleaved
-    with PyTorch's and around the training loop.
+    The timer runs `steps` train steps, or as many as it is given (state and metrics
+    donated, the batch already on the devices) and returns their images/s; benchmark.py
+    calls it in rounds interleaved with PyTorch's and around the training loop.
     """
     import jax
     import numpy as np
@@ -175,7 +202,8 @@ def step_timers(
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    # XLA counts the program one device runs: its share of the batch.
+    # XLA counts the program one device runs: its share of the batch. On GPUs it leaves
+    # out cuDNN's convolutions: flop_rates counts from the model instead.
     flops_per_device = float(cost.get("flops", 0.0)) if cost else 0.0
     flops = flops_per_device * mesh.devices.size
     step_bytes = footprint_bytes(compiled)
@@ -186,8 +214,8 @@ def step_timers(
             holder["state"], holder["metrics"] = compiled(holder["state"], holder["metrics"], batch)
         jax.block_until_ready(holder["state"].params)
 
-    def train_round() -> float:
-        return median_rate(lambda: train_steps(steps), steps * batch_size, 1)
+    def train_round(count: int = steps) -> float:
+        return median_rate(lambda: train_steps(count), count * batch_size, 1)
 
     train_steps(WARMUP_STEPS)
 
@@ -215,20 +243,117 @@ def step_timers(
     return result, train_round
 
 
-def flop_rates(result: dict[str, Any], config: Any, mesh: Any) -> None:
-    """Adds the achieved FLOP/s, the fraction of the device's peak and its peak memory."""
-    # XLA counts the program one device runs; train_step_gflop is over all devices.
-    per_image = result["train_step_gflop"] * 1e9 / config.batch_size
+def flop_rates(result: dict[str, Any], config: Any, mesh: Any, num_classes: int) -> None:
+    """Adds the model's FLOPs, the achieved FLOP/s and fraction of peak, and peak memory.
+
+    Also the step's time and its compute floor (the step's FLOPs at the devices' peak):
+    a step far above its floor is bound by kernel launches and latency, not arithmetic.
+    """
+    per_image = train_flops_per_image(config, num_classes)
     train_img = result["train_img_per_s"]
-    result["achieved_tflop_per_s"] = per_image * train_img / 1e12 if per_image else None
-    result["fraction_of_peak"] = result["device_peak_bytes"] = None
+    devices = mesh.devices.size
+    result["flop_count"] = FLOP_COUNT
+    result["train_gflop_per_image"] = per_image / 1e9
+    result["achieved_tflop_per_s"] = per_image * train_img / 1e12
+    result["step_ms"] = 1e3 * config.batch_size / train_img
+    result["fraction_of_peak"] = result["floor_ms"] = result["device_peak_bytes"] = None
     device = mesh.devices.flat[0]
     peak = peak_flops(device, config.half_precision)
-    if peak and per_image:
-        result["fraction_of_peak"] = per_image * train_img / mesh.devices.size / peak
+    if peak:
+        result["peak_tflop_per_s"] = peak / 1e12
+        result["fraction_of_peak"] = per_image * train_img / devices / peak
+        result["floor_ms"] = 1e3 * per_image * config.batch_size / devices / peak
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         result["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+
+
+# A lent machine returns at most 16 MB a file: each trace (two files) is kept under this.
+TRACE_MAX_BYTES = 6 * 2**20
+# What jax.profiler writes: XProf's trace (TensorBoard's profile tab), and the same
+# events in the Chrome trace format (Perfetto's UI, trace_summary).
+TRACE_FILES = ("xplane.pb", "trace.json.gz")
+
+
+def trace_steps(
+    run_steps: Callable[[int], Any], steps: int, prefix: str, max_bytes: int = TRACE_MAX_BYTES
+) -> dict[str, Any]:
+    """A jax.profiler trace of `run_steps(steps)` (which must wait for its results).
+
+    Written as PREFIX.xplane.pb and PREFIX.trace.json.gz (jax.profiler's folders of
+    plugins/profile/<time>/ flattened away: a lent machine returns files at most two
+    folders down; TensorBoard reads the .xplane.pb again from
+    LOGDIR/plugins/profile/RUN/). A trace over `max_bytes` is taken again with one step;
+    one still over is not kept. Returns the files, their size and steps, and
+    trace_summary's time per trace line, or a note saying why there is no trace.
+    """
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # Python's frames would outweigh the steps' events.
+    size = 0
+    for count in dict.fromkeys((steps, 1)):
+        with tempfile.TemporaryDirectory(prefix="trace_") as tmp:
+            start = time.perf_counter()
+            try:
+                with jax.profiler.trace(tmp, profiler_options=options):
+                    run_steps(count)
+            except Exception as e:  # A profiler that fails (no CUPTI, say) costs no figures.
+                return {"trace_note": f"jax.profiler failed: {type(e).__name__}: {e}"[:300]}
+            step_ms = 1e3 * (time.perf_counter() - start) / count
+            found = {
+                kind: sorted(pathlib.Path(tmp).rglob(f"*.{kind}"))[-1:] for kind in TRACE_FILES
+            }
+            size = sum(f.stat().st_size for files in found.values() for f in files)
+            if size > max_bytes:
+                continue
+            lines = (
+                trace_summary(found["trace.json.gz"][0], count) if found["trace.json.gz"] else {}
+            )
+            files = []
+            for kind, paths in found.items():
+                for path in paths:
+                    files.append(f"{prefix}.{kind}")
+                    shutil.move(path, files[-1])
+        return {
+            "trace_files": files,
+            "trace_steps": count,
+            "trace_bytes": size,
+            "traced_step_ms": step_ms,
+            "trace_ms_per_step": lines,
+        }
+    return {"trace_note": f"a one-step trace took {size:,} bytes, over {max_bytes:,}: not kept"}
+
+
+def trace_summary(
+    trace: pathlib.Path, steps: int, lines: int = 8, names: int = 6
+) -> dict[str, Any]:
+    """Milliseconds per step on each line of a Chrome-format trace (process / thread), and
+    its largest events.
+
+    A line's time is the sum of its events' durations, nested ones included (a host
+    thread's call inside a call counts twice); on a GPU's stream lines kernels do not
+    nest, so there it is the time the stream was busy.
+    """
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"
+    }
+    per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for event in events:
+        if event.get("ph") == "X":
+            key = (event["pid"], event.get("tid"))
+            line = f"{processes.get(key[0], key[0])} / {threads.get(key, key[1])}"
+            per_line[line][event.get("name", "")[:100]] += event.get("dur", 0) / 1e3 / steps
+    largest = sorted(per_line.items(), key=lambda kv: -sum(kv[1].values()))[:lines]
+    return {
+        line: {
+            "ms": round(sum(times.values()), 3),
+            "top_ms": {name: round(ms, 3) for name, ms in times.most_common(names)},
+        }
+        for line, times in largest
+    }
 
 
 def input_rates(config: Any, batches_per_repeat: int, repeats: int) -> dict[str, Any]:
