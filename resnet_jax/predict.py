@@ -84,14 +84,11 @@ class Classifier:
         """The top classes of each uint8 image [N, H, W, 3], best first."""
         results = []
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
             # Every batch has the same shape, so the model compiles once.
-            padded = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
-            padded[: len(chunk)] = chunk
-            probs, labels = jax.device_get(self._top_k(padded))
-            for row_probs, row_labels in zip(
-                probs[: len(chunk)], labels[: len(chunk)], strict=True
-            ):
+            batch = data.pad_batch({"image": images[start : start + batch_size]}, batch_size)
+            probs, labels = jax.device_get(self._top_k(batch["image"]))
+            mask = batch["mask"]
+            for row_probs, row_labels in zip(probs[mask], labels[mask], strict=True):
                 results.append(
                     [
                         {"label": int(label), "class": self.class_names[label], "prob": float(prob)}

@@ -18,7 +18,7 @@ from data_fixtures import (
 )
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from resnet_jax.data import folders, sources, splits, stream
+from resnet_jax.data import decode, folders, sources, splits, stream
 from resnet_jax.data.errors import DatasetError
 
 COLORS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -249,7 +249,7 @@ def _reference_crop(path, image_size, seed):
     """Full decode, upright, then the same crop box and resize."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
-    left, top, w, h = stream._inception_crop_box(*image.size, np.random.default_rng(seed))
+    left, top, w, h = decode._inception_crop_box(*image.size, np.random.default_rng(seed))
     box = (left, top, left + w, top + h)
     return np.asarray(image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box))
 
@@ -257,12 +257,12 @@ def _reference_crop(path, image_size, seed):
 def test_inception_crop_geometry_exif_and_draft(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for _ in range(300):
-        left, top, w, h = stream._inception_crop_box(640, 480, rng)
+        left, top, w, h = decode._inception_crop_box(640, 480, rng)
         assert 0 <= left and left + w <= 640 and 0 <= top and top + h <= 480
         assert 0.08 * 0.97 <= w * h / (640 * 480) <= 1.0
         assert 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
     # A strip too thin for any try: the central crop with the ratio clamped to 3/4.
-    assert stream._inception_crop_box(10, 200, np.random.default_rng(0)) == (0, 93, 10, 13)
+    assert decode._inception_crop_box(10, 200, np.random.default_rng(0)) == (0, 93, 10, 13)
 
     # A PNG stored sideways with EXIF orientation 6: the crop is of the upright image,
     # exactly the full-decode reference (PNG has no reduced-size decoding).
@@ -273,7 +273,7 @@ def test_inception_crop_geometry_exif_and_draft(tmp_path, monkeypatch):
     upright.transpose(Image.Transpose.ROTATE_90).save(png, exif=exif)
     record = stream._Record(str(png), 0, None)
     for seed in range(5):
-        got = stream._random_resized_crop(record, 16, np.random.default_rng(seed))
+        got = decode.random_resized_crop(record, 16, np.random.default_rng(seed))
         np.testing.assert_array_equal(got, _reference_crop(png, 16, seed))
         # And the upright image itself (lossless) gives the same pixels.
         assert got.shape == (16, 16, 3)
@@ -293,7 +293,7 @@ def test_inception_crop_geometry_exif_and_draft(tmp_path, monkeypatch):
     with open(jpeg, "rb") as f:
         record = stream._Record("photo", 0, f.read())  # As a tfds record: bytes.
     for seed in range(5):
-        got = stream._random_resized_crop(record, 16, np.random.default_rng(seed))
+        got = decode.random_resized_crop(record, 16, np.random.default_rng(seed))
         want = _reference_crop(jpeg, 16, seed)
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 4
     assert len(scales) == 5 and min(scales) >= 2  # Every crop decoded at reduced size.
@@ -427,7 +427,7 @@ def test_tfds_array_record(cifar_array_record):
     # A record that does not decode is named by split and index.
     record = split.records[3]._replace(data=b"not an image")
     with pytest.raises(DatasetError, match=r"record 3 of the 'train' split of tfds dataset"):
-        stream._decode(record, 32, 0)
+        decode.read_record(record, 32, 0)
 
 
 def test_tfds_array_record_trains_through_the_stream_path(cifar_array_record, tmp_path):

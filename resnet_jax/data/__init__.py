@@ -27,10 +27,12 @@ import jax.numpy as jnp
 
 from resnet_jax.data import device, sources, tfds_source
 from resnet_jax.data.catalog import normalization, preprocessing
+from resnet_jax.data.decode import read_image
 from resnet_jax.data.errors import DatasetError
-from resnet_jax.data.folders import IMAGE_EXTENSIONS, read_image
+from resnet_jax.data.folders import IMAGE_EXTENSIONS
 from resnet_jax.data.interface import Input, TrainBatches
 from resnet_jax.data.sources import DatasetSplit, num_classes
+from resnet_jax.data.splits import pad_batch
 from resnet_jax.data.tfds_source import hide_accelerators_from_tensorflow
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "normalize",
     "num_classes",
     "open_input",
+    "pad_batch",
     "preprocessing",
     "read_image",
 ]
@@ -92,7 +95,7 @@ def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> I
       config: The run's config (dataset, data_dir, input, augment, image_size, ...).
       mesh: The devices batches go to.
       train: False opens the evaluation split only (evaluating a checkpoint); `Input.train`
-        is then the evaluation split too.
+        is then None.
 
     Raises:
       DatasetError: any problem with the data or the input settings, with what to do.
@@ -101,16 +104,14 @@ def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> I
     if config.input == "auto" and config.augment == "crop_flip":
         count = sources.count_examples(config, config.train_split)
     if choose_mode(config, count, mesh) == "device":
-        opened = [sources.load_split(config, config.eval_split)]
-        if train:
-            opened.insert(0, sources.load_split(config, config.train_split))
-        return device.DeviceInput(opened[0], opened[-1], config, mesh)
+        eval_split = sources.load_split(config, config.eval_split)
+        train_split = sources.load_split(config, config.train_split) if train else None
+        return device.DeviceInput(train_split, eval_split, config, mesh)
     from resnet_jax.data import stream
 
     if config.dataset != "image_folder":
         # Prepared (downloaded, or from manual_dir) as array_record if it is not yet.
         tfds_source.prepared_builder(config, file_format="array_record")
-    opened = [stream.open_split(config, config.eval_split)]
-    if train:
-        opened.insert(0, stream.open_split(config, config.train_split))
-    return stream.StreamInput(opened[0], opened[-1], config, mesh)
+    eval_split = stream.open_split(config, config.eval_split)
+    train_split = stream.open_split(config, config.train_split) if train else None
+    return stream.StreamInput(train_split, eval_split, config, mesh)

@@ -31,9 +31,8 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import config_checks
+from resnet_jax.data import splits
 
-# Keeps these draws apart from those of data.device (tags 0 and 1 of the same seed).
-_TAG = 2
 NUM_BINS = config_checks.MAGNITUDE_BINS
 
 
@@ -413,7 +412,9 @@ def augment_batch(
       float32 scalar, the reversed batch's labels taking the rest; None without mixing).
     """
     batch, height, width, _ = images.shape
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _TAG), step)
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), splits.STEP_AUGMENT_TAG), step
+    )
     policy_key, cutout_key, erasing_key, mix_key = jax.random.split(key, 4)
     if settings.policy != "none":
         images = apply_policy(images, *draw_policy(policy_key, batch, settings, height))

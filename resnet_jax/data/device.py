@@ -19,6 +19,7 @@ Evaluation batches come from the same in-memory split, as uint8 (`eval_batches`)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +33,6 @@ from resnet_jax import sharding
 from resnet_jax.data import interface, splits
 from resnet_jax.data.errors import DatasetError
 from resnet_jax.data.sources import DatasetSplit
-
-# Distinct tags keep the shuffle of epoch e and the augmentation of step s
-# (often equal numbers) from drawing the same random numbers.
-_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
 
 
 def split_bytes(num_examples: int, image_size: int, process_count: int = 1) -> int:
@@ -103,6 +100,67 @@ def apply_augmentation(
     return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
 
 
+def _position(process: np.ndarray, local_rank: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Inside `shard_map`: this device's process and its rank among that process's devices."""
+    d = jax.lax.axis_index(sharding.DATA_AXIS)
+    return jnp.asarray(process)[d], jnp.asarray(local_rank)[d]
+
+
+def _epoch_order(
+    sizes: jnp.ndarray,
+    epoch: jnp.ndarray,
+    *,
+    root: jax.Array,
+    process: np.ndarray,
+    local_rank: np.ndarray,
+    num_rows: int,
+) -> jnp.ndarray:
+    """Per device: [1, num_rows], the order of `epoch` over the rows of its process."""
+    p, _ = _position(process, local_rank)
+    key = jax.random.fold_in(jax.random.fold_in(root, splits.SHUFFLE_TAG), epoch)
+    permutation = jax.random.permutation(jax.random.fold_in(key, p), num_rows)
+    # Padding rows (past this process's shard) move to the end, keeping the
+    # order of the rest: a uniform permutation of the shard comes first.
+    valid_first = jnp.argsort(permutation >= sizes[0], stable=True)
+    return permutation[valid_first][None]
+
+
+def _draw_batch(
+    images: jnp.ndarray,
+    labels: jnp.ndarray,
+    order: jnp.ndarray,
+    step: jnp.ndarray,
+    *,
+    root: jax.Array,
+    process: np.ndarray,
+    local_rank: np.ndarray,
+    steps_per_epoch: int,
+    batch: int,
+    per_device: int,
+    crop_padding: int,
+    random_flip: bool,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Per device: its slice of the batch of `step` (images, labels), and step + 1."""
+    p, rank = _position(process, local_rank)
+    start = (step % steps_per_epoch) * batch + rank * per_device
+    rows = jax.lax.dynamic_slice(order[0], (start,), (per_device,))
+    picked = images[0][rows]
+    if crop_padding > 0 or random_flip:
+        key = jax.random.fold_in(jax.random.fold_in(root, splits.CROP_FLIP_TAG), step)
+        # Drawn for the whole per-process batch, then sliced: the same batch
+        # whatever the number of local devices.
+        offsets, flips = draw_augmentation(
+            jax.random.fold_in(key, p), batch, crop_padding, random_flip
+        )
+        picked = apply_augmentation(
+            picked,
+            jax.lax.dynamic_slice_in_dim(offsets, rank * per_device, per_device),
+            jax.lax.dynamic_slice_in_dim(flips, rank * per_device, per_device),
+            crop_padding,
+        )
+    return picked, labels[0][rows], step + 1
+
+
 class DeviceTrainBatches:
     """Train batches drawn on the devices from a split held there; see the module docstring.
 
@@ -130,84 +188,57 @@ class DeviceTrainBatches:
             split.num_examples, split.process_count, batch
         )
         self.checkpointable = None  # The step alone determines the batches.
-        self.step = start_step
-        self._epoch = -1
-        num_max = math.ceil(split.num_examples / split.process_count)
+        # Each process's devices hold num_rows rows: its shard, then zeros.
+        num_rows = math.ceil(split.num_examples / split.process_count)
         num_local = len(split.labels)
-        images = np.zeros((num_max, *split.images.shape[1:]), np.uint8)
-        labels = np.zeros((num_max,), np.int32)
+        images = np.zeros((num_rows, *split.images.shape[1:]), np.uint8)
+        labels = np.zeros((num_rows,), np.int32)
         images[:num_local], labels[:num_local] = split.images, split.labels
         self._images = _on_every_local_device(images, mesh)
         self._labels = _on_every_local_device(labels, mesh)
         self._sizes = _on_every_local_device(np.asarray(num_local, np.int32), mesh)
-        self._order = None
 
-        data = PartitionSpec(sharding.DATA_AXIS)
-        replicated = sharding.replicated(mesh)
-        spe = self.steps_per_epoch
-        per_device = batch // local_count
-        root = jax.random.key(seed)
-
-        def position() -> tuple[jnp.ndarray, jnp.ndarray]:
-            d = jax.lax.axis_index(sharding.DATA_AXIS)
-            return jnp.asarray(process)[d], jnp.asarray(local_rank)[d]
-
-        def order(sizes: jnp.ndarray, epoch: jnp.ndarray) -> jnp.ndarray:
-            p, _ = position()
-            key = jax.random.fold_in(jax.random.fold_in(root, _SHUFFLE_TAG), epoch)
-            permutation = jax.random.permutation(jax.random.fold_in(key, p), num_max)
-            # Padding rows (past this process's shard) move to the end, keeping the
-            # order of the rest: a uniform permutation of the shard comes first.
-            valid_first = jnp.argsort(permutation >= sizes[0], stable=True)
-            return permutation[valid_first][None]
-
-        def draw(images, labels, order, step):
-            p, rank = position()
-            start = (step % spe) * batch + rank * per_device
-            rows = jax.lax.dynamic_slice(order[0], (start,), (per_device,))
-            picked = images[0][rows]
-            if crop_padding > 0 or random_flip:
-                key = jax.random.fold_in(jax.random.fold_in(root, _AUGMENT_TAG), step)
-                # Drawn for the whole per-process batch, then sliced: the same batch
-                # whatever the number of local devices.
-                offsets, flips = draw_augmentation(
-                    jax.random.fold_in(key, p), batch, crop_padding, random_flip
-                )
-                picked = apply_augmentation(
-                    picked,
-                    jax.lax.dynamic_slice_in_dim(offsets, rank * per_device, per_device),
-                    jax.lax.dynamic_slice_in_dim(flips, rank * per_device, per_device),
-                    crop_padding,
-                )
-            return picked, labels[0][rows], step + 1
-
+        common = dict(root=jax.random.key(seed), process=process, local_rank=local_rank)
+        data, scalar = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+        order = functools.partial(_epoch_order, **common, num_rows=num_rows)
+        draw = functools.partial(
+            _draw_batch,
+            **common,
+            steps_per_epoch=self.steps_per_epoch,
+            batch=batch,
+            per_device=batch // local_count,
+            crop_padding=crop_padding,
+            random_flip=random_flip,
+        )
         self._order_fn = jax.jit(
-            jax.shard_map(order, mesh=mesh, in_specs=(data, PartitionSpec()), out_specs=data)
+            jax.shard_map(order, mesh=mesh, in_specs=(data, scalar), out_specs=data)
         )
         self._draw_fn = jax.jit(
             jax.shard_map(
-                draw,
-                mesh=mesh,
-                in_specs=(data, data, data, PartitionSpec()),
-                out_specs=(data, data, PartitionSpec()),
+                draw, mesh=mesh, in_specs=(data, data, data, scalar), out_specs=(data, data, scalar)
             ),
             donate_argnums=3,
         )
-        # The step counter lives on the devices; only the epoch crosses from the host.
-        self._step = jax.device_put(np.asarray(start_step, np.int32), replicated)
+        # The step of the next batch. The draw advances its copy on the devices, so the
+        # host sends nothing per step; the host's copy only tells when an epoch starts.
+        self._step = start_step
+        self._step_on_devices = jax.device_put(
+            np.asarray(start_step, np.int32), sharding.replicated(mesh)
+        )
+        self._epoch, self._order = -1, None  # The epoch whose order `_order` holds.
 
     def __iter__(self) -> DeviceTrainBatches:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        epoch = self.step // self.steps_per_epoch
+        epoch = self._step // self.steps_per_epoch
         if epoch != self._epoch:
             self._order = self._order_fn(self._sizes, np.int32(epoch))
             self._epoch = epoch
-        images, labels, self._step = self._draw_fn(
-            self._images, self._labels, self._order, self._step
+        images, labels, self._step_on_devices = self._draw_fn(
+            self._images, self._labels, self._order, self._step_on_devices
         )
-        self.step += 1
+        self._step += 1
         return {"image": images, "label": labels}
 
     def close(self) -> None:
@@ -237,15 +268,9 @@ def eval_batches(
 
 
 def _eval_batches(split: DatasetSplit, batch: int, num_batches: int) -> Iterator[dict[str, Any]]:
-    shape = split.images.shape[1:]
     for b in range(num_batches):
-        images = split.images[b * batch : (b + 1) * batch]
-        count = len(images)
-        image = np.zeros((batch, *shape), np.uint8)
-        label = np.zeros((batch,), np.int32)
-        image[:count] = images
-        label[:count] = split.labels[b * batch : (b + 1) * batch]
-        yield {"image": image, "label": label, "mask": np.arange(batch) < count}
+        rows = slice(b * batch, (b + 1) * batch)
+        yield splits.pad_batch({"image": split.images[rows], "label": split.labels[rows]}, batch)
 
 
 class DeviceInput(interface.Input):
@@ -254,6 +279,7 @@ class DeviceInput(interface.Input):
     mode = "device"
 
     def train_batches(self, per_process_batch_size: int, start_step: int) -> DeviceTrainBatches:
+        assert self.train is not None, "opened for evaluation only"
         return DeviceTrainBatches(
             self.train,
             self.mesh,

@@ -1,8 +1,8 @@
-"""Image folders and image files, read directly with PIL.
+"""Image folders: listing, sharding and loading them, and writing them.
 
 A folder holds `<split>/<class>/<image>`; classes are the training split's folder
-names, sorted. Every file is decoded by `read_image`, which names any file it cannot
-read.
+names, sorted. Every file is decoded by `decode.read_image`, which names any file it
+cannot read.
 
 Not tfds's `ImageFolder`: a corrupt file fails inside tf.data without its name, images
 of other sizes are zero-padded rather than resized, only .jpg/.jpeg/.png are listed,
@@ -18,9 +18,10 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from resnet_jax.data import splits
+from resnet_jax.data.decode import read_image
 from resnet_jax.data.errors import DatasetError
 
 # Extensions PIL decodes out of the box; other files in a class folder (README,
@@ -77,60 +78,6 @@ def _list_images(class_dir: pathlib.Path) -> list[pathlib.Path]:
             f"{', '.join(IMAGE_EXTENSIONS)}): add images to it or remove the folder."
         )
     return files
-
-
-def _resize_and_crop(image: Image.Image, image_size: int, resize_size: int) -> Image.Image:
-    """The evaluation geometry: see `read_image`."""
-    if not resize_size:
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return image
-    width, height = image.size
-    if min(width, height) != resize_size:
-        # The shorter side becomes resize_size; the longer one keeps the aspect ratio,
-        # truncated as torchvision's Resize(int) does.
-        if width <= height:
-            size = (resize_size, int(resize_size * height / width))
-        else:
-            size = (int(resize_size * width / height), resize_size)
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        width, height = image.size
-    # The central crop, rounded as torchvision's CenterCrop rounds.
-    left = int(round((width - image_size) / 2.0))
-    top = int(round((height - image_size) / 2.0))
-    return image.crop((left, top, left + image_size, top + image_size))
-
-
-def read_image(path: str | os.PathLike, image_size: int, resize_size: int = 0) -> np.ndarray:
-    """Decodes an image file as evaluation sees it: uint8 [image_size, image_size, 3] RGB.
-
-    Any mode (L, RGBA, P, CMYK, 16-bit, ...) is converted to RGB like torchvision's
-    loader does (alpha dropped, first frame of an animation), after the EXIF rotation.
-
-    Args:
-      path: the file.
-      image_size: side of the square result.
-      resize_size: 0 resizes the whole image to image_size x image_size (CIFAR-like data);
-        N > 0 resizes the shorter side to N (skipped when it is N already) and takes the
-        central image_size square: the ImageNet evaluation (256, then 224).
-
-    Raises:
-      DatasetError: the file cannot be read as an image (the message names it), or
-        0 < resize_size < image_size.
-    """
-    if 0 < resize_size < image_size:
-        raise DatasetError(
-            f"eval_resize_size={resize_size} must be 0 or at least image_size={image_size}."
-        )
-    try:
-        with Image.open(path) as image:
-            # Camera JPEGs are often stored sideways with an EXIF rotation tag.
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            return np.asarray(_resize_and_crop(image, image_size, resize_size), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DatasetError(
-            f"Cannot read image file {path} ({type(e).__name__}: {e}): remove or replace this file."
-        ) from e
 
 
 def _fill_in_parallel(count: int, image_size: int, make: Any) -> np.ndarray:

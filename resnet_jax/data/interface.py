@@ -43,25 +43,28 @@ class Input(abc.ABC):
     """The training and evaluation data of a run, and the batches made from them.
 
     Attributes:
-      train: This process's training split (the evaluation split when opened for
-        evaluation only). Both kinds of split have num_examples, num_classes,
-        class_names, process_index and process_count.
+      train: This process's training split, or None when opened for evaluation only.
+        Both kinds of split have num_examples, num_classes, class_names,
+        process_index and process_count.
       eval: This process's evaluation split.
       config: The run's config.
       mesh: The devices the batches go to.
     """
 
     mode = ""  # "device" or "stream", for logs and the checkpoint's record.
-    train: Any
+    train: Any | None
     eval: Any
     config: Any
     mesh: jax.sharding.Mesh
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return self.train.class_names
+        # Both splits have the training split's classes (the same labels in tfds; the
+        # training split's class folders for an image folder).
+        return self.eval.class_names
 
     def steps_per_epoch(self, per_process_batch_size: int) -> int:
+        assert self.train is not None, "opened for evaluation only"
         return splits.steps_per_epoch(
             self.train.num_examples, self.train.process_count, per_process_batch_size
         )

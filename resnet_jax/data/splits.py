@@ -1,5 +1,8 @@
 """How a split divides among processes and into batches; the same in every process.
 
+Also the tags of the random streams drawn from a run's seed, and the padding of eval
+batches.
+
 Process i of P holds examples [i*n//P, (i+1)*n//P) of a split, in the split's fixed
 order. Not `tfds.split_for_jax_process`: it cuts the split with tfds's even_splits,
 which gives the extra examples to the first shards, and image folders (which tfds
@@ -9,8 +12,16 @@ does not read here) must be cut the same way as tfds datasets, on both input pat
 import math
 
 import jax
+import numpy as np
 
 from resnet_jax.data.errors import DatasetError
+
+# The random streams of one seed, each folded in (jax) or mixed in (grain's seeds) with
+# its own tag, so that the shuffle of epoch e and the augmentations of step s (often
+# equal numbers) draw different numbers. Changing one changes every run's batches.
+SHUFFLE_TAG = 0  # The epoch order (data.device, data.stream).
+CROP_FLIP_TAG = 1  # The crops and flips made by the input (data.device, data.stream).
+STEP_AUGMENT_TAG = 2  # The train step's augmentations (data.augment).
 
 
 def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -93,3 +104,28 @@ def num_eval_batches(num_examples: int, process_count: int, per_process_batch_si
     if per_process_batch_size <= 0:
         raise DatasetError(f"per-process batch size {per_process_batch_size} must be positive.")
     return math.ceil(math.ceil(num_examples / process_count) / per_process_batch_size)
+
+
+def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """`batch` zero-padded to `size` rows, with "mask": True on its own rows.
+
+    Every eval batch then has one shape (one compilation), and the mask keeps the
+    padding out of the metrics.
+
+    Args:
+      batch: Arrays with the same number of rows, at most `size` (0 for a batch that is
+        all padding).
+      size: Rows of the result.
+
+    Returns:
+      A new dict: each array of `batch` as zeros [size, ...] of its dtype holding its
+      rows first, and "mask" bool [size].
+    """
+    count = len(next(iter(batch.values())))
+    assert count <= size, (count, size)
+    padded = {}
+    for key, value in batch.items():
+        padded[key] = np.zeros((size, *value.shape[1:]), value.dtype)
+        padded[key][:count] = value
+    padded["mask"] = np.arange(size) < count
+    return padded

@@ -24,15 +24,19 @@ An image that cannot be decoded stops the run with a `DatasetError` naming the f
 Skipping it instead would change the length of the epoch and so the batch of every
 later step: a resumed run would no longer see what an uninterrupted one sees, and
 nobody would learn that the file is broken.
+
+Here: the records of a split (image files or tfds records, not decoded), the grain
+pipelines of train and eval batches, and the checkpointable train iterator. Decoding
+and the crops are in `data.decode`; the tfds checks and their messages in
+`data.tfds_source`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import math
+import functools
+import itertools
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -41,10 +45,9 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 from absl import flags
-from PIL import ExifTags, Image, ImageOps
 
 from resnet_jax import sharding
-from resnet_jax.data import folders, interface, splits, tfds_source
+from resnet_jax.data import decode, folders, interface, splits, tfds_source
 from resnet_jax.data.errors import DatasetError
 
 # In-process (num_workers=0): threads decode whole batches ahead; PIL releases the
@@ -55,19 +58,6 @@ _IN_PROCESS_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 # output queue while it makes the next), so it needs no threads of its own.
 _WORKER_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _WORKER_BUFFER = 1
-
-# Tags that keep the shuffle and the augmentation seeds of one (seed, process) apart.
-_SHUFFLE_TAG, _AUGMENT_TAG = 0, 1
-
-# The Inception crop: area fraction and aspect ratio ranges, tries before the fallback.
-_CROP_AREA = (0.08, 1.0)
-_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_CROP_TRIES = 10
-
-# EXIF orientations (5-8) that store the image rotated by 90 degrees.
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
-
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class _Record(NamedTuple):
@@ -82,10 +72,6 @@ class _Record(NamedTuple):
     source: str
     label: int
     data: bytes | None
-
-
-class _Padding:
-    """Stands for an evaluation slot past the end of the shard (None would be dropped)."""
 
 
 def _check_index(index: int, length: int) -> None:
@@ -167,22 +153,6 @@ class _TfdsRecords(Sequence):
         return _Record(where, int(example["label"]), bytes(example["image"]))
 
 
-class _PaddedRecords(Sequence):
-    """The shard's records, then `_Padding` up to `length`."""
-
-    def __init__(self, records: Sequence, length: int):
-        self._records = records
-        self._length = length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __getitem__(self, index: int) -> _Record | _Padding:
-        if index < len(self._records):
-            return self._records[index]
-        return _Padding()
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamSplit:
     """One split opened for random access; nothing decoded yet.
@@ -260,184 +230,43 @@ def _open_image_folder(
     return _FolderRecords(shard), len(listing.labels), listing.class_names
 
 
-def _prepare_command(name: str, data_dir: str | None, manual_dir: str | None) -> str:
-    builder_args = [repr(name)]
-    if data_dir:
-        builder_args.append(f"data_dir={data_dir!r}")
-    builder_args.append("file_format='array_record'")
-    prepare_args = ""
-    if manual_dir:
-        prepare_args = f"download_config=tfds.download.DownloadConfig(manual_dir={manual_dir!r})"
-    return (
-        f'python -c "import tensorflow_datasets as tfds; '
-        f'tfds.builder({", ".join(builder_args)}).download_and_prepare({prepare_args})"'
-    )
-
-
 def _open_tfds(
     config: Any, split: str, process_index: int, process_count: int
 ) -> tuple[_TfdsRecords, int, tuple[str, ...]]:
-    import tensorflow_datasets as tfds
-
-    if "tensorflow" in sys.modules:
-        # Reading array_record needs no TensorFlow; if something imported it, keep it
-        # off the accelerators.
-        tfds_source.hide_accelerators_from_tensorflow()
-    name = config.dataset
-    data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
-    manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
-    builder = tfds_source.tfds_builder(config)  # a known image classification dataset
-    command = _prepare_command(name, data_dir, manual_dir)
-    manual_hint = (
-        ""
-        if manual_dir
-        else "for datasets you download by hand, such as imagenet2012, add "
-        "download_config=tfds.download.DownloadConfig(manual_dir=<folder with the files>); "
-    )
-    data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
-    if not builder.is_prepared():
-        raise DatasetError(
-            f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and the "
-            f"opening a split to stream never prepares it. Prepare it once as array_record: {command} "
-            f"({manual_hint}`tfds build {name}{data_dir_flag} --file_format=array_record` "
-            f"does the same where apache-beam is installed, which tfds 4.9's command line "
-            f"needs). A small dataset (CIFAR) can instead use --config.input=device, which "
-            f"prepares it by itself."
-        )
-    info = builder.info
-    if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in info.available_file_formats():
-        formats = sorted(f.value for f in info.available_file_formats())
-        raise DatasetError(
-            f"tfds dataset {name!r} in {builder.data_dir} is prepared as {formats}, but "
-            f"the streaming input needs random access, which only array_record gives. "
-            f"Prepare it again as array_record: delete {builder.data_dir} (tfds keeps one "
-            f"format per version folder), then run {command} (or run that with another "
-            f"data_dir and pass it as --config.data_dir). A small dataset (CIFAR) can "
-            f"instead use --config.input=device."
-        )
+    builder = tfds_source.array_record_builder(config)
     num_examples = tfds_source.split_info(builder, config, split).num_examples
-    class_names = tuple(info.features["label"].names)
+    class_names = tuple(builder.info.features["label"].names)
     start, stop = splits.shard_bounds(num_examples, process_index, process_count)
-    records = _TfdsRecords(name, data_dir, split, start, stop, os.fspath(builder.data_dir))
+    data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
+    location = os.fspath(builder.data_dir)
+    records = _TfdsRecords(config.dataset, data_dir, split, start, stop, location)
     return records, num_examples, class_names
 
 
 # ----------------------------------------------------------------------------
-# Decoding.
-
-
-def _decode(record: _Record, image_size: int, resize_size: int) -> np.ndarray:
-    """`folders.read_image` on the record's file, or on its bytes (tfds)."""
-    if record.data is None:
-        return folders.read_image(record.source, image_size, resize_size)
-    try:
-        return folders.read_image(io.BytesIO(record.data), image_size, resize_size)
-    except DatasetError as e:
-        raise _undecodable(record, e.__cause__ or e) from e
-
-
-def _undecodable(record: _Record, error: BaseException) -> DatasetError:
-    if record.data is None:
-        return DatasetError(
-            f"Cannot read image file {record.source} ({type(error).__name__}: {error}): "
-            f"remove or replace this file."
-        )
-    return DatasetError(
-        f"Cannot decode the image of {record.source} ({type(error).__name__}: {error}): "
-        f"the prepared dataset is damaged; prepare it again."
-    )
-
-
-def _inception_crop_box(
-    width: int, height: int, rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """(left, top, crop width, crop height) of the Inception crop, as torchvision draws it."""
-    area = width * height
-    log_ratio = (math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1]))
-    for _ in range(_CROP_TRIES):
-        target_area = area * rng.uniform(*_CROP_AREA)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return left, top, w, h
-    # The fallback: the central crop, its aspect ratio clamped to the range.
-    in_ratio = width / height
-    if in_ratio < _CROP_RATIO[0]:
-        w, h = width, int(round(width / _CROP_RATIO[0]))
-    elif in_ratio > _CROP_RATIO[1]:
-        w, h = int(round(height * _CROP_RATIO[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def _random_resized_crop(record: _Record, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Decodes the Inception crop of the record's image, resized to image_size squared.
-
-    The crop is drawn in the upright (EXIF-rotated) image before anything is decoded,
-    so a JPEG can be decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode) whenever the
-    crop still has at least image_size pixels on each side at that scale: a 224 crop
-    of a 10% area of a 2000 px photo needs no full-size decode.
-    """
-    try:
-        with Image.open(record.source if record.data is None else io.BytesIO(record.data)) as image:
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-            swap = orientation in _SWAPPING_ORIENTATIONS
-            stored_width, stored_height = image.size
-            width, height = (stored_height, stored_width) if swap else (stored_width, stored_height)
-            left, top, crop_width, crop_height = _inception_crop_box(width, height, rng)
-            wanted = (
-                math.ceil(width * image_size / crop_width),
-                math.ceil(height * image_size / crop_height),
-            )
-            drafted = image.draft("RGB", wanted[::-1] if swap else wanted)
-            # draft() answers (mode, box of the original in reduced pixels); None: full size.
-            scale = 1.0 if drafted is None else drafted[1][2] / stored_width
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            box = (
-                left * scale,
-                top * scale,
-                (left + crop_width) * scale,
-                (top + crop_height) * scale,
-            )
-            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
-            return np.asarray(image, dtype=np.uint8)
-    except _DECODE_ERRORS as e:
-        raise _undecodable(record, e) from e
+# One record, decoded (data.decode) and, for training, cropped and flipped.
 
 
 @dataclasses.dataclass(frozen=True)
-class _CropFlip(grain.transforms.RandomMap):
-    """Decode, resize, random crop of the zero-padded image, random horizontal flip."""
+class _TrainDecode(grain.transforms.RandomMap):
+    """Decode with the crop of `augment` (see `train_batches`), then a random horizontal flip."""
 
     image_size: int
+    augment: str
     crop_padding: int
     random_flip: bool
 
     def random_map(self, record: _Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = _decode(record, self.image_size, 0)
-        p = self.crop_padding
-        if p > 0:
-            padded = np.pad(image, ((p, p), (p, p), (0, 0)))
-            top, left = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
-            image = padded[top : top + self.image_size, left : left + self.image_size]
-        if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _InceptionCropFlip(grain.transforms.RandomMap):
-    """The Inception crop, decoded at reduced size where possible, and a random flip."""
-
-    image_size: int
-    random_flip: bool
-
-    def random_map(self, record: _Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = _random_resized_crop(record, self.image_size, rng)
+        if self.augment == "random_resized_crop":
+            image = decode.random_resized_crop(record, self.image_size, rng)
+        else:
+            # crop_flip: resize, then a random crop of the zero-padded image.
+            image = decode.read_record(record, self.image_size, 0)
+            p = self.crop_padding
+            if p > 0:
+                padded = np.pad(image, ((p, p), (p, p), (0, 0)))
+                top, left = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
+                image = padded[top : top + self.image_size, left : left + self.image_size]
         if self.random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
         return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
@@ -445,20 +274,14 @@ class _InceptionCropFlip(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class _EvalDecode(grain.transforms.Map):
-    """The evaluation geometry of `folders.read_image`; zeros and mask False for padding."""
+    """The evaluation geometry of `decode.read_image`."""
 
     image_size: int
     resize_size: int
 
-    def map(self, record: _Record | _Padding) -> dict[str, np.ndarray]:
-        if isinstance(record, _Padding):
-            return {
-                "image": np.zeros((self.image_size, self.image_size, 3), np.uint8),
-                "label": np.int32(0),
-                "mask": np.bool_(False),
-            }
-        image = _decode(record, self.image_size, self.resize_size)
-        return {"image": image, "label": np.int32(record.label), "mask": np.bool_(True)}
+    def map(self, record: _Record) -> dict[str, np.ndarray]:
+        image = decode.read_record(record, self.image_size, self.resize_size)
+        return {"image": image, "label": np.int32(record.label)}
 
 
 # ----------------------------------------------------------------------------
@@ -633,19 +456,16 @@ def train_batches(
     assert crop_padding >= 0 and num_workers >= 0, (crop_padding, num_workers)
     batch = per_process_batch_size
     steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
-    if augment == "crop_flip":
-        transform = _CropFlip(image_size, crop_padding, random_flip)
-    else:
-        transform = _InceptionCropFlip(image_size, random_flip)
+    transform = _TrainDecode(image_size, augment, crop_padding, random_flip)
     # Position p of the endless sequence is example p % (steps * B) of epoch
     # p // (steps * B): grain's shuffle reseeds each epoch (seed + epoch) and the slice
     # keeps each epoch's first steps * B examples.
     examples = (
         grain.MapDataset.source(split.records)
-        .shuffle(seed=_seed(seed, _SHUFFLE_TAG, split.process_index))
+        .shuffle(seed=_seed(seed, splits.SHUFFLE_TAG, split.process_index))
         .slice(slice(0, steps * batch))
         .repeat()
-        .random_map(transform, seed=_seed(seed, _AUGMENT_TAG, split.process_index))
+        .random_map(transform, seed=_seed(seed, splits.CROP_FLIP_TAG, split.process_index))
     )
     batches = examples.batch(batch, drop_remainder=True)
     data_settings = {
@@ -675,7 +495,7 @@ def eval_batches(
       per_process_batch_size: Examples per batch.
       num_batches: Batches to yield, the same in every process (`splits.num_eval_batches`).
       image_size: Side of the square images.
-      resize_size: As `folders.read_image`: 0 resizes the whole image; N resizes the
+      resize_size: As `decode.read_image`: 0 resizes the whole image; N resizes the
         shorter side to N and takes the central image_size crop (ImageNet: 256, 224).
       num_workers: 0 decodes in this process; N > 0 in N grain worker processes.
 
@@ -690,13 +510,19 @@ def eval_batches(
     splits.check_eval_capacity(len(split.records), batch, num_batches)
     assert image_size > 0 and num_workers >= 0, (image_size, num_workers)
     assert resize_size == 0 or resize_size >= image_size, (resize_size, image_size)
-    padded = _PaddedRecords(split.records, num_batches * batch)
-    batches = (
-        grain.MapDataset.source(padded)
+    decoded = (
+        grain.MapDataset.source(split.records)
         .map(_EvalDecode(image_size, resize_size))
-        .batch(batch, drop_remainder=True)
+        .batch(batch, drop_remainder=False)
+        .map(functools.partial(splits.pad_batch, size=batch))
     )
-    return _iterate(batches, num_workers)
+    # Past the end of the shard (an empty shard: from the start), batches of padding only.
+    empty = {
+        "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+        "label": np.zeros((0,), np.int32),
+    }
+    padding = (splits.pad_batch(empty, batch) for _ in range(num_batches - len(decoded)))
+    return itertools.chain(_iterate(decoded, num_workers) if len(decoded) else (), padding)
 
 
 def num_workers(config: Any) -> int:
@@ -735,6 +561,7 @@ class StreamInput(interface.Input):
     mode = "stream"
 
     def train_batches(self, per_process_batch_size: int, start_step: int) -> StreamTrainBatches:
+        assert self.train is not None, "opened for evaluation only"
         config = self.config
         iterator = train_batches(
             self.train,

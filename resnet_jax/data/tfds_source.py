@@ -1,13 +1,15 @@
 """tensorflow-datasets: the builder, preparation (with a clear message offline), reading.
 
 tfds prepares a dataset once (downloaded, or from `config.manual_dir`); after that
-`load` reads a process's shard of a split into host memory as uint8. TensorFlow is only
-used by tfds to prepare and read the records; it is kept off the accelerators, which
-belong to JAX.
+`load` reads a process's shard of a split into host memory as uint8, and
+`array_record_builder` checks that the streaming path can read it (`data.stream`), or
+says how to prepare it. TensorFlow is only used by tfds to prepare and read the
+records; it is kept off the accelerators, which belong to JAX.
 """
 
 import os
 import socket
+import sys
 from typing import Any
 
 import numpy as np
@@ -160,6 +162,66 @@ def prepared_builder(config: Any, file_format: str | None = None) -> Any:
             )
         _prepare(builder, config, catalog.dataset_info(config))
         builder = tfds_builder(config)
+    return builder
+
+
+def _prepare_command(name: str, data_dir: str | None, manual_dir: str | None) -> str:
+    builder_args = [repr(name)]
+    if data_dir:
+        builder_args.append(f"data_dir={data_dir!r}")
+    builder_args.append("file_format='array_record'")
+    prepare_args = ""
+    if manual_dir:
+        prepare_args = f"download_config=tfds.download.DownloadConfig(manual_dir={manual_dir!r})"
+    return (
+        f'python -c "import tensorflow_datasets as tfds; '
+        f'tfds.builder({", ".join(builder_args)}).download_and_prepare({prepare_args})"'
+    )
+
+
+def array_record_builder(config: Any) -> Any:
+    """tfds's builder of `config.dataset`, already prepared as array_record (random access).
+
+    Raises:
+      DatasetError: the dataset is unknown, not prepared, or prepared in another file
+        format; the message gives the command that prepares it. Nothing is prepared here.
+    """
+    if "tensorflow" in sys.modules:
+        # Reading array_record needs no TensorFlow; if something imported it, keep it
+        # off the accelerators.
+        hide_accelerators_from_tensorflow()
+    name = config.dataset
+    data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
+    manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
+    builder = tfds_builder(config)  # a known image classification dataset
+    command = _prepare_command(name, data_dir, manual_dir)
+    manual_hint = (
+        ""
+        if manual_dir
+        else "for datasets you download by hand, such as imagenet2012, add "
+        "download_config=tfds.download.DownloadConfig(manual_dir=<folder with the files>); "
+    )
+    data_dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    if not builder.is_prepared():
+        raise DatasetError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}, and the "
+            f"opening a split to stream never prepares it. Prepare it once as array_record: {command} "
+            f"({manual_hint}`tfds build {name}{data_dir_flag} --file_format=array_record` "
+            f"does the same where apache-beam is installed, which tfds 4.9's command line "
+            f"needs). A small dataset (CIFAR) can instead use --config.input=device, which "
+            f"prepares it by itself."
+        )
+    info = builder.info
+    if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in info.available_file_formats():
+        formats = sorted(f.value for f in info.available_file_formats())
+        raise DatasetError(
+            f"tfds dataset {name!r} in {builder.data_dir} is prepared as {formats}, but "
+            f"the streaming input needs random access, which only array_record gives. "
+            f"Prepare it again as array_record: delete {builder.data_dir} (tfds keeps one "
+            f"format per version folder), then run {command} (or run that with another "
+            f"data_dir and pass it as --config.data_dir). A small dataset (CIFAR) can "
+            f"instead use --config.input=device."
+        )
     return builder
 
 
