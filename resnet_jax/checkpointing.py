@@ -309,19 +309,19 @@ def check_compatible(
     ]
     if not problems:
         return
-    config = meta.get("config", {})
+    recorded = meta.get("config", {})  # As the checkpoint wrote it, for the message only.
     listed = "\n  ".join(problems[:20]) + (
         f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     )
     if item == "model":
-        model = config.get("model", {})
+        model = recorded.get("model", {})
         written = (
             f"model {model.get('name')!r} (num_classes={model.get('num_classes')}, dataset "
-            f"{config.get('dataset')!r})"
+            f"{recorded.get('dataset')!r})"
         )
     else:
         written = ", ".join(
-            f"{key}={config.get(key)}"
+            f"{key}={recorded.get(key)}"
             for key in ("momentum", "nesterov", "weight_decay", "sam_rho")
         )
     raise CheckpointError(

@@ -22,16 +22,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from absl import app, flags
-
-# cli comes first: it sets TensorFlow's logging environment before anything imports it.
-from resnet_jax import cli, data  # isort: skip
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from resnet_jax import compile_options, evaluate, steps
+from resnet_jax import cli, compile_options, data, evaluate, steps
 
 FLAGS = flags.FLAGS
 
@@ -65,7 +61,7 @@ class Classifier:
         k = min(TOP_K, trained.num_classes)
 
         # Checkpoints written before cpu_convolutions existed get the default.
-        options = compile_options.cpu_options(trained.config.get("cpu_convolutions", "eigen"))
+        options = compile_options.cpu_options(trained.config.cpu_convolutions)
 
         @functools.partial(jax.jit, compiler_options=options)
         def top_k(images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:

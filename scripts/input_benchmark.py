@@ -173,12 +173,10 @@ def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
 
 
 def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict[str, Any]:
-    import ml_collections
-
-    from resnet_jax import sharding
+    from resnet_jax import defaults, sharding
     from resnet_jax.data import stream
 
-    config = ml_collections.ConfigDict({"dataset": "image_folder", "data_dir": str(root)})
+    config = defaults.saved_config({"dataset": "image_folder", "data_dir": str(root)}, "bench")
     split = stream.open_split(config, "train")
     augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
     iterator = stream.train_batches(

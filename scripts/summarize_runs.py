@@ -29,15 +29,17 @@ def wall_hours(workdir: pathlib.Path) -> float | None:
 
 def read_run(workdir: pathlib.Path) -> dict:
     """One finished run's settings and final evaluation."""
-    config = json.loads((workdir / "config.json").read_text())
+    from resnet_jax import defaults
+
+    config = defaults.from_workdir(str(workdir))
     results = json.loads((workdir / "eval_results.json").read_text())
     return {
         "workdir": str(workdir),
-        "model": config["model"]["name"],
-        "dataset": config["dataset"],
-        "train_split": config.get("train_split", "train"),
-        "seed": config["seed"],
-        "num_epochs": config["num_epochs"] if config["num_train_steps"] <= 0 else None,
+        "model": config.model.name,
+        "dataset": config.dataset,
+        "train_split": config.train_split,
+        "seed": config.seed,
+        "num_epochs": config.num_epochs if config.num_train_steps <= 0 else None,
         "steps": results["step"],
         "top1": results["top1"],
         "num_examples": results["num_examples"],

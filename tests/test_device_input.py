@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from resnet_jax import data, sharding
+from resnet_jax import data, defaults, sharding
 from resnet_jax.data import device, sources, splits
 from resnet_jax.data.errors import DatasetError
 from resnet_jax.data.sources import DatasetSplit
@@ -29,7 +29,7 @@ def make_config(**overrides):
         dataset="cifar100", data_dir=None, manual_dir=None, image_size=32, eval_resize_size=0
     )
     values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    return defaults.saved_config(values, "the test's config")
 
 
 @pytest.fixture(scope="module")

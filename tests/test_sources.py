@@ -3,7 +3,6 @@
 import re
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -17,7 +16,7 @@ from data_fixtures import (
 from PIL import Image
 
 from configs import default
-from resnet_jax import config_checks
+from resnet_jax import config_checks, defaults
 from resnet_jax.data import folders, sources, tfds_source
 from resnet_jax.data.errors import DatasetError
 
@@ -41,7 +40,7 @@ def make_config(**overrides):
         dataset="cifar100", data_dir=None, manual_dir=None, image_size=32, eval_resize_size=0
     )
     values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    return defaults.saved_config(values, "the test's config")
 
 
 def normalize(images):

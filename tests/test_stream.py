@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 import pytest
 from data_fixtures import (
@@ -18,6 +17,7 @@ from data_fixtures import (
 )
 from PIL import Image, ImageOps, JpegImagePlugin
 
+from resnet_jax import defaults
 from resnet_jax.data import decode, folders, sources, splits, stream
 from resnet_jax.data.errors import DatasetError
 
@@ -37,7 +37,7 @@ def make_config(root, **overrides):
         eval_resize_size=0,
     )
     values.update(overrides)
-    return ml_collections.ConfigDict(values)
+    return defaults.saved_config(values, "the test's config")
 
 
 def train_args(**overrides):
@@ -493,7 +493,6 @@ def test_corrupt_file_stops_with_its_path(tmp_path, workers):
 _MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys, time
-    import ml_collections
     from PIL import Image
     opens = [0]
     real_open = Image.open
@@ -501,6 +500,7 @@ _MEMORY_PROBE = textwrap.dedent(
         opens[0] += 1
         return real_open(*args, **kwargs)
     Image.open = counting_open
+    from resnet_jax import defaults
     from resnet_jax.data import stream
     def peak_rss_mb():
         # VmHWM: the peak of this program's own memory. ru_maxrss is not: it starts
@@ -514,7 +514,7 @@ _MEMORY_PROBE = textwrap.dedent(
             pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     def main():
-        config = ml_collections.ConfigDict(dict(dataset="image_folder", data_dir=sys.argv[1]))
+        config = defaults.saved_config(dict(dataset="image_folder", data_dir=sys.argv[1]), "argv")
         split = stream.open_split(config, "train", process_index=0, process_count=1)
         iterator = stream.train_batches(
             split, per_process_batch_size=16, seed=0, start_step=0, image_size=96,

@@ -65,7 +65,7 @@ def preprocessing(config: Any) -> dict[str, Any]:
     mean, std = normalization(config)
     return {
         "image_size": int(config.image_size),
-        "resize_size": int(config.get("eval_resize_size", 0)),
+        "resize_size": int(config.eval_resize_size),
         "mean": [round(float(v), 6) for v in mean],
         "std": [round(float(v), 6) for v in std],
     }

@@ -140,7 +140,7 @@ def list_image_folder(config: Any, split: str) -> FolderListing:
       DatasetError: a missing folder, no class folders, an empty class, or classes
         that differ from the training split's.
     """
-    train_split = config.get("train_split", "train")
+    train_split = config.train_split
     class_names = class_folders(split_folder(config, train_split))
     split_dir = split_folder(config, split)
     if split != train_split:

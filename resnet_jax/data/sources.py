@@ -45,9 +45,7 @@ def class_names(config: Any) -> tuple[str, ...]:
       DatasetError: Unknown dataset name, or an image folder that is missing.
     """
     if config.dataset == "image_folder":
-        return tuple(
-            folders.class_folders(folders.split_folder(config, config.get("train_split", "train")))
-        )
+        return tuple(folders.class_folders(folders.split_folder(config, config.train_split)))
     return tuple(tfds_source.tfds_builder(config).info.features["label"].names)
 
 

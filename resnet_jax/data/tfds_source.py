@@ -192,7 +192,7 @@ def array_record_builder(config: Any) -> Any:
         hide_accelerators_from_tensorflow()
     name = config.dataset
     data_dir = config.data_dir or None  # "" (an empty flag) is tfds's default too
-    manual_dir = config.get("manual_dir") if hasattr(config, "get") else None
+    manual_dir = config.manual_dir
     builder = tfds_builder(config)  # a known image classification dataset
     command = _prepare_command(name, data_dir, manual_dir)
     manual_hint = (
