@@ -92,14 +92,17 @@ def _gradient_norms(model, config, variables, batches):
             train=True,
             mutable=["batch_stats"],
         )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return cross_entropy.mean(), logits
 
-    total = np.zeros(len(LAYERS))
-    grad_fn = jax.jit(jax.grad(loss))  # On one device: no sharding, no carry.
+    total, losses, logit_stds = np.zeros(len(LAYERS)), [], []
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))  # On one device: no sharding, no carry.
     for batch in batches:
-        grads = grad_fn(variables["params"], variables["batch_stats"], batch)
+        grads, logits = grad_fn(variables["params"], variables["batch_stats"], batch)
         total += [np.linalg.norm(np.asarray(_kernel(grads, n), np.float64)) for n in LAYERS]
-    return total / len(batches)
+        losses.append(loss(variables["params"], variables["batch_stats"], batch)[0])
+        logit_stds.append(np.std(np.asarray(logits, np.float64)))
+    return total / len(batches), np.mean(losses), np.mean(logit_stds)
 
 
 def test_stds_are_those_of_each_3x3_layers_bn_output_over_the_test_set(experiment, toy_folder):
@@ -151,8 +154,12 @@ def test_gradient_norms_are_those_of_the_first_training_batches(experiment):
         image = jnp.zeros((1, config.image_size, config.image_size, 3))
         initial = model.init(jax.random.key(config.seed), image, train=False)
 
-        at_init = _gradient_norms(model, config, initial, batches)
-        at_end = _gradient_norms(model, config, trained, batches)
+        at_init, loss_init, logits_init = _gradient_norms(model, config, initial, batches)
+        at_end, loss_end, logits_end = _gradient_norms(model, config, trained, batches)
+        assert run["loss_init"] == pytest.approx(loss_init, rel=1e-4)
+        assert run["logit_std_init"] == pytest.approx(logits_init, rel=1e-4)
+        assert run["loss_end"] == pytest.approx(loss_end, rel=1e-4)
+        assert run["logit_std_end"] == pytest.approx(logits_end, rel=1e-4)
         np.testing.assert_allclose(run["grad_norm_init"], at_init, rtol=1e-4)
         np.testing.assert_allclose(run["grad_norm_end"], at_end, rtol=1e-4)
         assert run["grad_ratio_init"] == pytest.approx(at_init[0] / at_init[-1], rel=1e-4)

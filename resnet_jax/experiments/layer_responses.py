@@ -23,7 +23,9 @@ plain<d>/resnet<d> folder there), each with its own config.json, and computes fr
   of one experiment), at initialisation (training's own init from the run's seed) and at
   the checkpoint. The paper
   argues that with BN the plain nets' gradients do not vanish: the table's first/last
-  layer ratio lets a reader check that, plain against residual.
+  layer ratio lets a reader check that, plain against residual. On the same batches, the
+  loss and the std of the logits, at initialisation and at the checkpoint: how far from
+  chance (ln of the class count) each net starts.
 
 It writes into --out (default WORKDIR/layer_responses):
 - layer_responses.png: figure 7, std by layer in network order (top) and sorted in
@@ -205,7 +207,8 @@ def gradient_step(
     kernels: Sequence[tuple[str, ...]],
     loss_fn: Callable,
 ) -> jnp.ndarray:
-    """`norms` plus the L2 norm of the loss gradient w.r.t. each of `kernels` on one train batch.
+    """`norms` plus, on one train batch, the L2 norm of the loss gradient w.r.t. each of
+    `kernels`, then the loss and the std of the logits (2 more entries).
 
     BatchNorm normalises with the statistics of the (global) batch, as in a training step.
     """
@@ -213,14 +216,15 @@ def gradient_step(
     def loss(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, _ = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"])
-        return loss_fn(logits, batch["label"]).mean()
+        return loss_fn(logits, batch["label"]).mean(), jnp.std(logits)
 
-    grads = jax.grad(loss)(state.params)
+    (value, logit_std), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     kernel_grads = [
         functools.reduce(lambda tree, key: tree[key], path, grads)["kernel"] for path in kernels
     ]
     return norms + jnp.stack(
         [jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in kernel_grads]
+        + [value, logit_std]
     )
 
 
@@ -287,13 +291,18 @@ def analyse_run(
     kernels = [layer.conv for layer in layers]
     step_fn = run.compile(functools.partial(gradient_step, kernels=kernels, loss_fn=run.loss_fn))
 
-    def gradient_norms(state: Any) -> list[float]:
-        norms = jnp.zeros((len(layers),), jnp.float32)
+    def gradient_norms(state: Any) -> tuple[list[float], float, float]:
+        """Per-kernel gradient norms, loss and logit std, each averaged over the batches."""
+        sums = jnp.zeros((len(layers) + 2,), jnp.float32)
         for batch in run.train_batches:
-            norms = step_fn(state, norms, batch)
-        return (np.asarray(jax.device_get(norms), np.float64) / len(run.train_batches)).tolist()
+            sums = step_fn(state, sums, batch)
+        means = (np.asarray(jax.device_get(sums), np.float64) / len(run.train_batches)).tolist()
+        return means[:-2], means[-2], means[-1]
 
-    at_init, at_end = gradient_norms(run.initial), gradient_norms(run.state)
+    (at_init, loss_init, logits_init), (at_end, loss_end, logits_end) = (
+        gradient_norms(run.initial),
+        gradient_norms(run.state),
+    )
     return {
         "step": int(run.state.step),
         "test_examples": int(moments.examples),
@@ -312,6 +321,12 @@ def analyse_run(
         "grad_norm_end": at_end,
         "grad_ratio_init": at_init[0] / at_init[-1],
         "grad_ratio_end": at_end[0] / at_end[-1],
+        # A deep ResNet's residual sums grow with depth at initialisation, and so do its
+        # first logits and loss; the plain nets' do not.
+        "loss_init": loss_init,
+        "logit_std_init": logits_init,
+        "loss_end": loss_end,
+        "logit_std_end": logits_end,
     }
 
 
@@ -481,15 +496,16 @@ def table(runs: Sequence[dict]) -> str:
     """Markdown: one row per run."""
     lines = [
         "| run | step | 3x3 layers | mean std | grad norm first / last, init | ratio "
-        "| grad norm first / last, end | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| grad norm first / last, end | ratio | loss / logit std, init |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         init, end = r["grad_norm_init"], r["grad_norm_end"]
         lines.append(
             f"| {r['run']} | {r['step']} | {r['num_layers']} | {r['mean_std']:.4g} "
             f"| {init[0]:.3g} / {init[-1]:.3g} | {r['grad_ratio_init']:.3g} "
-            f"| {end[0]:.3g} / {end[-1]:.3g} | {r['grad_ratio_end']:.3g} |"
+            f"| {end[0]:.3g} / {end[-1]:.3g} | {r['grad_ratio_end']:.3g} "
+            f"| {r['loss_init']:.3g} / {r['logit_std_init']:.3g} |"
         )
     return "\n".join(lines) + "\n"
 
