@@ -280,7 +280,10 @@ def test_every_shipped_config_is_valid():
     from helpers import ROOT
 
     # Each config file, with the arguments its docstring names (file.py:ARG).
-    arguments = {"paper_cifar10": ("20", "56", "110"), "fashion_mnist": ("", "degradation")}
+    arguments = {
+        "paper_cifar10": ("20", "56", "110"),
+        "fashion_mnist": ("", "degradation", "degradation6000", "recipes"),
+    }
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
     assert len(names) >= 11
     for name in names:
@@ -290,7 +293,23 @@ def test_every_shipped_config_is_valid():
         for argument in arguments.get(name, (None,)):
             config = module.get_config() if argument is None else module.get_config(argument)
             config_checks.validate(config)
-    from configs import paper_cifar10, resnet18, resnet18_large_batch, resnet50_imagenet
+    from configs import (
+        fashion_mnist,
+        paper_cifar10,
+        resnet18,
+        resnet18_large_batch,
+        resnet50_imagenet,
+    )
+
+    # The degradation budget and its decays at a half and three quarters of it.
+    for argument, steps, decays in (
+        ("degradation", 3000, (1500, 2250)),
+        ("degradation6000", 6000, (3000, 4500)),
+    ):
+        config = fashion_mnist.get_config(argument)
+        assert (config.num_train_steps, tuple(config.lr_decay_steps)) == (steps, decays)
+    with pytest.raises(ValueError, match="degradationN"):
+        fashion_mnist.get_config("degradation6k")
 
     imagenet = resnet50_imagenet.get_config()
     assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples
