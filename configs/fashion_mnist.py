@@ -19,6 +19,13 @@ seeds and times: docs/results.md.
 Time: on an idle 2-core AMD EPYC VM about 1 hour for the 30 epochs (2 minutes an epoch).
 Other depths: --config.model.name=resnet56 (3x the time), plain20, plain56, densenet40.
 
+`configs/fashion_mnist.py:quick` is the first thing to run: the same recipe for one epoch
+of the 10,000-image subset (78 steps, cosine to 0), evaluated once at the end on all
+10,000 test images. 1.5 minutes on a 2-core AMD EPYC VM that also ran another training
+run (1m23s of it training and evaluating), 73.73% top-1 (seed 0):
+
+    python -m resnet_jax.main --config configs/fashion_mnist.py:quick --workdir runs/quick
+
 `configs/fashion_mnist.py:degradation` is the recipe of the degradation experiment
 (figure 6) on a CPU budget: the balanced 10,000-image training subset (`train10000/`),
 3,000 iterations (38 epochs of it), lr 0.1 divided by 10 at 1,500 and 2,250, weight
@@ -80,9 +87,15 @@ def get_config(variant: str = ""):
         config.ema_decay = 0.999
         config.eval_every_steps = 780  # About every 10 epochs.
         config.checkpoint_every_steps = 390
+    elif variant == "quick":
+        config.train_split = "train10000"
+        config.num_epochs = 1.0
+        config.log_every_steps = 10
+        config.eval_every_steps = 1_000_000  # Only at the end.
+        config.checkpoint_every_steps = 1_000_000
     elif variant:
         raise ValueError(
-            f"Unknown variant {variant!r} of configs/fashion_mnist.py: use :degradation, "
-            ":degradationN (N iterations) or :recipes."
+            f"Unknown variant {variant!r} of configs/fashion_mnist.py: use :quick, "
+            ":degradation, :degradationN (N iterations) or :recipes."
         )
     return config

@@ -30,9 +30,12 @@ USER_ERRORS = (
     workdir_claim.WorkdirError,
 )
 
-# Where INFO lines come from that the console shows by default: ours and the metric
-# lines. Libraries' INFO lines (Orbax writes ~25 per checkpoint) need --verbosity=1.
-_SHOWN_INFO = (f"{os.sep}resnet_jax{os.sep}", f"{os.sep}clu{os.sep}metric_writers{os.sep}")
+# Where INFO lines come from that the console shows by default: ours. Libraries' INFO
+# lines (Orbax writes ~25 per checkpoint) need --verbosity=1, which also shows our DEBUG
+# lines and clu's (its progress notes), never other libraries' (PIL's alone write one
+# per image read).
+_OURS = f"{os.sep}resnet_jax{os.sep}"
+_DEBUG_SHOWN = (_OURS, f"{os.sep}clu{os.sep}")
 # Orbax warnings that only restate what the command asked for: opening checkpoints to
 # read them, saving a step that has no evaluation to rank it by.
 _NOISE = ("Given directory is read only", "Requested `tracked_metric`; did not provide metrics")
@@ -41,14 +44,14 @@ _NOISE = ("Given directory is read only", "Requested `tracked_metric`; did not p
 class _QuietLibraries(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
         if flags.FLAGS["verbosity"].value >= 1:
-            return True
+            return record.levelno >= std_logging.INFO or any(
+                part in record.pathname for part in _DEBUG_SHOWN
+            )
         if record.levelno == std_logging.WARNING and str(record.msg).startswith(_NOISE):
             return False
-        if f"{os.sep}resnet_jax{os.sep}" not in record.pathname and _restates_storage(record):
+        if _OURS not in record.pathname and _restates_storage(record):
             return False
-        return record.levelno >= std_logging.WARNING or any(
-            part in record.pathname for part in _SHOWN_INFO
-        )
+        return record.levelno >= std_logging.WARNING or _OURS in record.pathname
 
 
 def _restates_storage(record: std_logging.LogRecord) -> bool:

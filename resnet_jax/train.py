@@ -28,6 +28,7 @@ from resnet_jax import (
     config_checks,
     data,
     evaluate,
+    progress,
     sharding,
     steps,
     workdir_claim,
@@ -173,6 +174,7 @@ def _train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    shown_workdir = workdir.rstrip("/")  # As the user typed it, for the closing line.
     workdir = checkpointing.absolute_workdir(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,7 @@ def _train_and_evaluate(
     # wait for the first evaluation, hours in, to fail.
     local_batch = sharding.per_process_batch_size(config.batch_size, mesh)
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    logging.info("Opening %s's training and evaluation data ...", config.dataset)
     inputs = data.open_input(config, mesh)
     num_classes = config_checks.resolve_num_classes(config, inputs.train.num_classes)
     steps_per_epoch = inputs.steps_per_epoch(local_batch)
@@ -227,7 +230,11 @@ def _train_and_evaluate(
         inputs.mode,
     )
     evaluate.write_json(workdir / "config.json", config.to_dict())
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    # TensorBoard only: the loop logs its own one line per log step (resnet_jax.progress)
+    # where the default writer's logging part would print one line per scalar group.
+    writer = metric_writers.AsyncMultiWriter(
+        [metric_writers.SummaryWriter(str(workdir))] if jax.process_index() == 0 else []
+    )
     hooks = [
         periodic_actions.ReportProgress(
             num_train_steps=num_steps, writer=writer, every_steps=config.log_every_steps
@@ -261,7 +268,9 @@ def _train_and_evaluate(
 
     wait_each_step = sharding.host_waits_for_each_step()
     eval_results: dict[str, Any] = {}
-    interval_start, interval_step = time.perf_counter(), start_step
+    pace = progress.TrainProgress(start_step, num_steps, config.batch_size)
+    if start_step < num_steps:
+        logging.info("Compiling the train step (step %d waits for it) ...", start_step + 1)
     with _StopRequest(manager) as stop_requested:
         for step in range(start_step + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -271,6 +280,7 @@ def _train_and_evaluate(
                 state, train_metrics = train_step_fn(state, train_metrics, batch)
             if step == start_step + 1:  # Input, initialisation and compilation are behind.
                 jax.block_until_ready(state)
+                pace.first_step_done(step)
                 logging.info(
                     "Step %d done %.1f s after the run started (%s).",
                     step,
@@ -283,19 +293,20 @@ def _train_and_evaluate(
             if step % config.log_every_steps == 0 or last:
                 values = steps.read_metrics(train_metrics)
                 _check_finite(values["first_nonfinite_step"], step)
-                elapsed = time.perf_counter() - interval_start
-                scalars = {
-                    f"train_{k}": v for k, v in values.items() if k != "first_nonfinite_step"
-                }
-                scalars["train_examples_per_sec"] = (
-                    (step - interval_step) * config.batch_size / elapsed
-                )
+                del values["first_nonfinite_step"]
+                rate = pace.images_per_second(step)
+                logging.info(pace.line(step, values, rate))
+                scalars = {f"train_{k}": v for k, v in values.items()}
+                scalars["train_examples_per_sec"] = rate
                 writer.write_scalars(step, scalars)
                 train_metrics = steps.empty_metrics(steps.TrainMetrics, mesh)
-                interval_start, interval_step = time.perf_counter(), step
             evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
+                eval_started = time.perf_counter()
                 eval_results = evaluate.evaluate(eval_step_fn, state, inputs, config, mesh)
+                logging.info(
+                    progress.eval_line(step, eval_results, time.perf_counter() - eval_started)
+                )
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_results.items()})
                 eval_results["step"] = step
             # Saving at each evaluation lets "keep the best by eval top-1" see every score.
@@ -323,4 +334,5 @@ def _train_and_evaluate(
     eval_results.update(model=config.model.name, dataset=config.dataset)
     evaluate.write_json(workdir / "eval_results.json", eval_results)
     logging.info("Final evaluation: %s", evaluate.rounded(eval_results))
+    logging.info(progress.closing_line(shown_workdir, eval_results, time.perf_counter() - started))
     return eval_results

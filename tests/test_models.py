@@ -282,7 +282,7 @@ def test_every_shipped_config_is_valid():
     # Each config file, with the arguments its docstring names (file.py:ARG).
     arguments = {
         "paper_cifar10": ("20", "56", "110"),
-        "fashion_mnist": ("", "degradation", "degradation6000", "recipes"),
+        "fashion_mnist": ("", "quick", "degradation", "degradation6000", "recipes"),
     }
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
     assert len(names) >= 11

@@ -273,14 +273,13 @@ def test_smoke_config_learns_an_image_folder_through_main(toy_folder, tmp_path):
         "--config.profile_num_steps=3",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # A quiet console: the run's lines and the metrics, printed short; no library chatter
-    # (Orbax alone wrote ~25 lines per checkpoint, 3 checkpoints here).
+    # A quiet console: one progress line per log step, no library chatter (Orbax alone
+    # wrote ~25 lines per checkpoint, 3 checkpoints here).
     lines = result.stderr.strip().splitlines()
-    assert len(lines) <= 30, "\n".join(lines)
+    assert len(lines) <= 20, "\n".join(lines)
     assert not [line for line in lines if "orbax" in line or "checkpoint_manager" in line]
-    assert re.search(r"\] train_examples_per_sec=[\d.e+-]+, train_learning_rate=", result.stderr)
-    for value in re.findall(r"train_(?:loss|top1)=([^,\s]+)", result.stderr):
-        assert len(value.replace(".", "").lstrip("0")) <= 7, value  # %g: 6 significant digits.
+    progress = re.findall(r"\] step (\d+)/150 \(\d+%\) loss [\d.]+ top1 [\d.]+ ", result.stderr)
+    assert progress == ["25", "50", "75", "100", "125", "150"]
     results = json.loads((workdir / "eval_results.json").read_text())
     assert results["num_examples"] == 3 * 21
     assert results["step"] == 150
