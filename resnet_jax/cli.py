@@ -36,9 +36,14 @@ USER_ERRORS = (
 # per image read).
 _OURS = f"{os.sep}resnet_jax{os.sep}"
 _DEBUG_SHOWN = (_OURS, f"{os.sep}clu{os.sep}")
-# Orbax warnings that only restate what the command asked for: opening checkpoints to
-# read them, saving a step that has no evaluation to rank it by.
-_NOISE = ("Given directory is read only", "Requested `tracked_metric`; did not provide metrics")
+# Library warnings that only restate what the command asked for or is about to say:
+# Orbax opening checkpoints to read them, or saving a step that has no evaluation to rank
+# it by; tensorflow-datasets finding the folder of a dataset it has not prepared yet.
+_NOISE = (
+    "Given directory is read only",
+    "Requested `tracked_metric`; did not provide metrics",
+    "Variant folder ",
+)
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -10,6 +10,7 @@ one program with cross-process collectives is in flight at a time.
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -114,6 +115,15 @@ def _data_settings(
     }
 
 
+def _remove_if_empty(folders: list) -> None:
+    """Removes `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # Not empty: the run wrote something.
+            return
+
+
 def _claim(workdir, cleanup: contextlib.ExitStack) -> None:
     """Takes the workdir for this run (process 0 for all), released when the run ends.
 
@@ -176,6 +186,11 @@ def _train_and_evaluate(
     started = time.perf_counter()
     shown_workdir = workdir.rstrip("/")  # As the user typed it, for the closing line.
     workdir = checkpointing.absolute_workdir(workdir)
+    if jax.process_index() == 0 and str(workdir).startswith("/"):
+        # A run that stops before writing anything (say, a dataset it cannot download)
+        # leaves no empty folder behind; runs after the claim's release (a LIFO stack).
+        created = [folder for folder in (workdir, *workdir.parents) if not folder.exists()]
+        cleanup.callback(_remove_if_empty, created)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -89,3 +89,18 @@ def test_library_debug_lines_stay_hidden_at_verbosity_1(verbosity):
             assert quiet.filter(_record(clu, logging.DEBUG))
     finally:
         flags.FLAGS.verbosity = saved
+
+
+def test_tfds_warning_about_an_unprepared_folder_is_hidden():
+    """tfds warns of an empty dataset folder right before the offline error says it all."""
+    flags.FLAGS(["test"], known_only=True)
+    record = logging.LogRecord(
+        "absl",
+        logging.WARNING,
+        "/venv/site-packages/tensorflow_datasets/core/utils/file_utils.py",
+        394,
+        "Variant folder /root/tensorflow_datasets/cifar100/3.0.2 has no dataset_info.json",
+        None,
+        None,
+    )
+    assert not cli._QuietLibraries().filter(record)
