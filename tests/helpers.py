@@ -37,6 +37,18 @@ def run_module(module, *args, devices=None, cwd=ROOT, timeout=600):
     )
 
 
+def run_script(name, *args, cwd=ROOT, timeout=300):
+    """Runs `python scripts/NAME ARGS` to completion with the tests' environment."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+        cwd=cwd,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_main(*args, devices=None, cwd=ROOT, timeout=600):
     """Runs `python -m resnet_jax.main ARGS` to completion, capturing its output."""
     return run_module("resnet_jax.main", *args, devices=devices, cwd=cwd, timeout=timeout)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, main_environment, run_main
+from helpers import ROOT, main_environment, run_main, run_script
 from PIL import Image
 
 SHRINK = [
@@ -355,13 +355,7 @@ def test_fashion_mnist_commands(user_dir, tmp_path):
     written = write_idx_dataset(tmp_path / "idx", num_train=60, num_test=30)
     args = [str(tmp_path / "idx"), *export[1:]]
     args[args.index("--train_subset") + 1] = "20"  # The tiny training split has 60 images.
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "export_idx.py"), *args],
-        cwd=user_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("export_idx.py", *args, cwd=user_dir)
     assert result.returncode == 0, result.stderr
     out = user_dir / export[1]
     assert len(list((out / "train").glob("*/*.png"))) == 60
