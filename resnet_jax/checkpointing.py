@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax import config_checks
+from resnet_jax import config_checks, defaults
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -496,11 +496,65 @@ def restore_for_resume(
     return state, None
 
 
+def _changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key old -> new` for each setting that differs (nested ones as `outer.key`)."""
+    changes = []
+    for key in sorted(set(saved) | set(now), key=str):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key} {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    """A setting as the command line writes it: tuples for JSON lists."""
+    return str(tuple(value)) if isinstance(value, list) else str(value)
+
+
+def _schedule_refusal(
+    meta: dict[str, Any], run_meta: dict[str, Any], config: ml_collections.ConfigDict, where: str
+) -> str:
+    """Why a resume would change the learning-rate schedule: the config keys that changed."""
+    from resnet_jax import steps  # Here: every command imports this module, few need flax.
+
+    schedule = ", ".join(_changes(meta.get("schedule", {}), run_meta["schedule"]))
+    saved_data = meta.get("data") or {}
+    try:
+        saved = defaults.saved_config(meta.get("config", {}), where)
+        keys = [key for key in steps.SCHEDULE_KEYS if saved[key] != config[key]]
+    except ValueError:  # A key today's defaults lack: only the schedule's change is known.
+        keys = []
+    if not keys:
+        # Not the config: the data (its size, the process count) changed the steps per epoch.
+        data = ", ".join(_changes(saved_data, run_meta["data"])) or "unknown"
+        return (
+            f"Resuming the checkpoint at step {meta['step']} in {where} would change the "
+            f"learning-rate schedule ({schedule}), so the rate would jump there; the input "
+            f"settings changed ({data}). Resume with the run's data, use a new --workdir, or "
+            "pass --config.allow_schedule_change=True to continue on the new schedule."
+        )
+    causes = [f"{key} {_shown(saved[key])} -> {_shown(config[key])}" for key in keys]
+    old_epoch, new_epoch = saved_data.get("steps_per_epoch"), run_meta["data"]["steps_per_epoch"]
+    if "batch_size" in keys and old_epoch not in (None, new_epoch):
+        causes[keys.index("batch_size")] += (
+            f" (which changes the steps per epoch, {old_epoch} -> {new_epoch})"
+        )
+    old_values = " ".join(f"--config.{key}={_shown(saved[key])}" for key in keys)
+    return (
+        f"Resuming the checkpoint at step {meta['step']} in {where} with {', '.join(causes)} "
+        f"would change the learning-rate schedule ({schedule}), so the rate would jump there. "
+        f"Rerun with {old_values}, use a new --workdir, or pass "
+        "--config.allow_schedule_change=True to continue on the new schedule."
+    )
+
+
 def resume(
     manager: ocp.CheckpointManager,
     state: Any,
     run_meta: dict[str, Any],
-    allow_schedule_change: bool = False,
+    config: ml_collections.ConfigDict,
 ) -> tuple[Any, bool]:
     """The state a run starts from, and whether its input continues from the checkpoint's.
 
@@ -509,8 +563,8 @@ def resume(
        imported by `import_torch` (step 0) included;
     2. otherwise `state` as given, the fresh initialisation.
     A restored step with a learning-rate schedule other than `run_meta["schedule"]` is
-    refused (the rate would jump) unless `allow_schedule_change`; one with data settings
-    other than `run_meta["data"]` continues with a warning, on other batches.
+    refused (the rate would jump) unless `config.allow_schedule_change`; one with data
+    settings other than `run_meta["data"]` continues with a warning, on other batches.
 
     Returns:
       (state, whether a step saved with this run's data settings was restored: then the
@@ -518,41 +572,32 @@ def resume(
 
     Raises:
       CheckpointError: as `restore_for_resume`.
-      config_checks.ConfigError: the schedule changed and `allow_schedule_change` is off.
+      config_checks.ConfigError: the schedule changed and `allow_schedule_change` is off;
+        the message names the config keys that changed it.
     """
     state, meta = restore_for_resume(manager, state)
     if meta is None:
         return state, False
+    saved, now = meta.get("schedule", run_meta["schedule"]), run_meta["schedule"]
+    if saved != now:
+        if not config.allow_schedule_change:
+            raise config_checks.ConfigError(
+                _schedule_refusal(meta, run_meta, config, str(manager.directory))
+            )
+        logging.warning(
+            "Continuing from step %d on a changed learning-rate schedule (%s).",
+            meta["step"],
+            ", ".join(_changes(saved, now)),
+        )
     same_data = meta.get("data") == run_meta["data"]
     if "imported" in meta and meta["step"] == 0:
         logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
     elif not same_data:
         logging.warning(
-            "The input settings differ from those of the checkpoint (%s, now %s): training "
-            "continues from step %d, but not with the batches an uninterrupted run would see.",
-            meta["data"],
-            run_meta["data"],
+            "The input settings differ from those of the checkpoint at step %d (%s): "
+            "training continues, but not with the batches an uninterrupted run would see.",
             meta["step"],
-        )
-    saved, now = meta.get("schedule", run_meta["schedule"]), run_meta["schedule"]
-    if saved != now:
-        changed = ", ".join(
-            f"{k}: {saved.get(k)} -> {now.get(k)}"
-            for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)
-        )
-        if not allow_schedule_change:
-            raise config_checks.ConfigError(
-                f"The learning-rate schedule differs from that of the checkpoint at step "
-                f"{meta['step']} in {manager.directory} ({changed}), so the rate would jump "
-                "there. Resume with the run's settings (its config.json), pass "
-                "--config.allow_schedule_change=True to continue on the new schedule, or "
-                "use a new --workdir."
-            )
-        logging.warning(
-            "Continuing from step %d on a changed learning-rate schedule (%s).",
-            meta["step"],
-            changed,
+            ", ".join(_changes(meta.get("data") or {}, run_meta["data"])),
         )
     return state, same_data
 

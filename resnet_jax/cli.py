@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from resnet_jax import checkpointing, compile_cache, config_checks, data, workdir_claim
 
@@ -21,8 +21,26 @@ flags.DEFINE_string(
     "resnet_jax/compile_cache.py.",
 )
 
+
+def _show_in_help(name: str) -> None:
+    """Lists --NAME in the command's --help (absl shows the main module's key flags there).
+
+    A flag defined in this module would otherwise show only in --helpfull; absl names
+    the main module by sys.argv[0].
+    """
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+
+
+_show_in_help("compilation_cache")
+
+
+class FlagError(ValueError):
+    """A flag or argument that is missing or wrong: one line, not absl's usage text."""
+
+
 # Errors that mean bad input: reported as one clear line, not a traceback.
 USER_ERRORS = (
+    FlagError,
     config_checks.ConfigError,
     data.DatasetError,
     checkpointing.CheckpointError,
@@ -92,9 +110,12 @@ def quiet_libraries() -> None:
 
 
 def reject_arguments(argv: list[str]) -> None:
-    """A command's absl main takes flags only: anything else is a usage error."""
+    """A command's absl main takes flags only: anything else exits with one line."""
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(
+            f"error: unexpected arguments: {' '.join(argv[1:])}. This command takes flags "
+            "only (--name=value; see --help)."
+        )
 
 
 def start_command(argv: list[str], takes_arguments: bool = False) -> None:
@@ -148,7 +169,7 @@ def config_error(error: Exception) -> str:
             # A config file that takes an argument (file.py:ARG) is loaded while the
             # flags are parsed; its error's last line says what is wrong.
             return f"error: cannot load the config: {_error_lines(error)[-1]}"
-        return f"error: {error}\nSee --help for the flags."
+        return f"error: {error} (see --help for the flags)."
     if isinstance(error, (AttributeError, KeyError)):
         key, *hint = _error_lines(error)
         return " ".join(
@@ -175,6 +196,7 @@ def define_checkpoint_flag(
         lambda value: value in ("latest", "best") or value.isdigit(),
         message="must be latest, best or a step number",
     )
+    _show_in_help("checkpoint")
 
 
 def define_weights_flag() -> None:
@@ -186,20 +208,44 @@ def define_weights_flag() -> None:
         "Which weights: the trained ones (raw), or their moving average (ema; runs trained "
         "with --config.ema_decay > 0).",
     )
+    _show_in_help("weights")
+
+
+# The required flags of the command that runs: name -> what the flag is, with an example.
+_REQUIRED: dict[str, str] = {}
+
+
+def require_flag(name: str, what: str) -> None:
+    """Makes --NAME required: `parse_flags` stops with one line naming it when it is missing.
+
+    Instead of absl's mark_flag_as_required, whose error is a two-line FATAL that does
+    not say what the flag is for. `what` does, with an example: "the run folder whose
+    checkpoint classifies the images (e.g. --workdir runs/resnet18)".
+    """
+    _REQUIRED[name] = what
+
+
+def missing_flags(names: list[str]) -> str:
+    """The message for required flags `names` that were not given, one line."""
+    return "; ".join(f"--{name} is required: {_REQUIRED[name]}" for name in names) + "."
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with problems of --config reported as one line instead of a traceback.
+    """absl's parsing, with its problems (and those of --config) as one line, not a traceback.
 
-    For `app.run(main, flags_parser=parse_flags)` in commands with a `config` flag.
+    For `app.run(main, flags_parser=parse_flags)` in every command. Flags of
+    `require_flag` that were not given are named, with what they are for.
     """
     try:
         rest = flags.FLAGS(argv)
         # The config file loads lazily, and a failure shows at the first use: make it here.
-        if flags.FLAGS.config is not None:
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
             flags.FLAGS.config.to_dict()
     except Exception as e:  # noqa: BLE001 - a config file can fail to load for any reason.
         sys.exit(config_error(e))
+    missing = [name for name in _REQUIRED if flags.FLAGS[name].value is None]
+    if missing:
+        sys.exit(f"error: {missing_flags(missing)}")
     return rest
 
 

@@ -130,6 +130,45 @@ def restore_model(
     return restored[item]
 
 
+def _read_meta(manager: Any, step: int) -> dict[str, Any]:
+    """The step's metadata; UnusableStepError (naming the other steps) if it is unreadable."""
+    try:
+        return checkpointing.read_meta(manager, step)
+    except checkpointing.CorruptCheckpointError as e:
+        raise checkpointing.UnusableStepError(
+            step, manager.directory, f"is unusable: {e}", manager.all_steps()
+        ) from e
+
+
+def check_trained_on(config: ml_collections.ConfigDict, meta: dict[str, Any], workdir: Any) -> None:
+    """Refuses a config of another dataset than the one the checkpoint's run was trained on.
+
+    Checked before any dataset opens: the config's dataset would be read (or downloaded)
+    only to fail at the model's shapes, or to evaluate the model on classes it never saw.
+    Weights imported by import_torch (step 0) record a preprocessing, not the data they
+    were trained on: their dataset is not checked.
+
+    Raises:
+      ConfigError: `config.dataset` is not the dataset the checkpoint records.
+    """
+    if "imported" in meta and meta["step"] == 0:
+        return
+    try:
+        trained = defaults.saved_config(meta["config"], f"the metadata of step {meta['step']}")
+    except ValueError:  # Written by a newer version (a key unknown here): nothing to compare.
+        return
+    dataset = trained.dataset
+    if dataset == config.dataset:
+        return
+    where = f" ({trained.data_dir})" if trained.data_dir else ""
+    raise config_checks.ConfigError(
+        f"the checkpoint at step {meta['step']} in {workdir} was trained on "
+        f"{dataset}{where}, but the config asks for {config.dataset}: pass the "
+        f"config the run was trained with, --config configs/from_workdir.py:{workdir} (its "
+        "config.json; add --config.data_dir=PATH if the data moved)."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
     """A checkpoint's model on one device, with what is needed to feed it images.
@@ -167,12 +206,7 @@ def load_trained_model(
       UnusableStepError: the step is corrupt or records an invalid model.
     """
     manager, step = open_checkpoint(checkpointing.absolute_workdir(workdir), which)
-    try:
-        meta = checkpointing.read_meta(manager, step)
-    except checkpointing.CorruptCheckpointError as e:
-        raise checkpointing.UnusableStepError(
-            step, manager.directory, f"is unusable: {e}", manager.all_steps()
-        ) from e
+    meta = _read_meta(manager, step)
     try:
         config = defaults.saved_config(meta["config"], f"the metadata of step {step}")
         validate_model_config(config.model)
@@ -214,8 +248,12 @@ def checkpoint_state(
     Only the model (params and BN statistics; with `weights="ema"` their moving average)
     is read, replicated over this machine's devices, whatever the device count of the run
     that saved it. `state.step` is the checkpoint's step.
+
+    Raises:
+      ConfigError: `config` is of another dataset than the checkpoint's (`check_trained_on`).
     """
     manager, step = open_checkpoint(workdir, which)
+    check_trained_on(config, _read_meta(manager, step), workdir)
     mesh = sharding.make_mesh()
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     inputs = data.open_input(config, mesh, train=False)

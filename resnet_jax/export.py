@@ -83,8 +83,11 @@ def define_flags() -> None:
     flags.DEFINE_string("out", None, "Folder to create for the artifacts and model.json.")
     flags.DEFINE_enum("outputs", "probabilities", OUTPUTS, "What the exported model returns.")
     flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (only once all succeed).")
-    for name in ("workdir", "format", "out"):
-        flags.mark_flag_as_required(name)
+    cli.require_flag(
+        "workdir", "the run folder whose checkpoint is exported (e.g. --workdir runs/resnet18)"
+    )
+    cli.require_flag("format", f"what to write: {', '.join(FORMATS)}, a list of them, or all")
+    cli.require_flag("out", "the folder to create for the export (e.g. --out exports/resnet18)")
 
 
 class ExportError(Exception):
@@ -493,4 +496,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -57,7 +57,13 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "data_dir", None, "tfds data_dir where CIFAR is prepared, to take its class names from."
     )
-    flags.mark_flags_as_required(["model", "state_dict", "workdir"])
+    cli.require_flag("model", "the model of the weights (e.g. --model resnet18)")
+    cli.require_flag(
+        "state_dict", "the PyTorch file of the weights (e.g. --state_dict resnet18-f37072fd.pth)"
+    )
+    cli.require_flag(
+        "workdir", "the new run folder to write the checkpoint into (e.g. --workdir runs/imported)"
+    )
 
 
 # Containers in which training scripts commonly save the state_dict.
@@ -362,4 +368,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -36,7 +36,7 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --distributed.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --distributed.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --distributed.")
-flags.mark_flag_as_required("config")
+cli.require_flag("config", "the config file of the run (e.g. --config configs/resnet18.py)")
 
 
 def _deterministic_gpu() -> None:
@@ -60,7 +60,10 @@ def _run(config) -> None:
         summary.print_summary(config)
         return
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for --mode=train and --mode=eval.")
+        raise cli.FlagError(
+            f"--workdir is required for --mode={FLAGS.mode}: the run folder, for its "
+            "checkpoints, logs and results (e.g. --workdir runs/resnet18)."
+        )
     if config.deterministic:
         _deterministic_gpu()
     if FLAGS.distributed:

@@ -8,9 +8,10 @@ checkpoint, not from a config file): any size or colour mode is converted, then 
 Prints the top-5 classes of each image with their probabilities, or with --json one
 object per line: {"path": ..., "top5": [{"label": 3, "class": "cat", "prob": 0.91}, ...]}.
 
-A file that cannot be read is reported (on stderr, and with --json as
+A file that cannot be decoded is reported in one line (on stderr, and with --json as
 {"path": ..., "error": ...}) and the others are still classified; the exit status is then
-1. Folders given as arguments are searched for image files.
+1. A path that does not exist stops the command before any is classified. Folders given
+as arguments are searched for image files.
 """
 
 import concurrent.futures
@@ -42,7 +43,10 @@ def define_flags() -> None:
     )
     flags.DEFINE_bool("json", False, "One JSON object per line per image.")
     flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-    flags.mark_flag_as_required("workdir")
+    cli.require_flag(
+        "workdir",
+        "the run folder whose checkpoint classifies the images (e.g. --workdir runs/resnet18)",
+    )
 
 
 TOP_K = 5
@@ -95,7 +99,14 @@ class Classifier:
 
 
 def expand_paths(arguments: list[str]) -> list[pathlib.Path]:
-    """Files as given; folders replaced by the image files under them, sorted."""
+    """Files as given; folders replaced by the image files under them, sorted.
+
+    Raises:
+      cli.FlagError: an argument that does not exist (a mistyped path), or no image file.
+    """
+    missing = [argument for argument in arguments if not os.path.exists(argument)]
+    if missing:
+        raise cli.FlagError(f"no such file or folder: {', '.join(missing)}")
     paths = []
     for argument in arguments:
         path = pathlib.Path(argument)
@@ -109,6 +120,8 @@ def expand_paths(arguments: list[str]) -> list[pathlib.Path]:
             )
         else:
             paths.append(path)
+    if not paths:
+        raise cli.FlagError(f"no image files in {' '.join(arguments)}.")
     return paths
 
 
@@ -119,7 +132,10 @@ def _read_chunk(
         try:
             return classifier.read(path), None
         except data.DatasetError as e:
-            return None, str(e)
+            # The decoder's own words: the DatasetError's advice is for a dataset's files.
+            cause = e.__cause__
+            why = f"{type(cause).__name__}: {cause}" if cause else str(e)
+            return None, f"cannot read {path} as an image ({why})"
 
     for path, (image, error) in zip(paths, pool.map(read, paths), strict=True):
         yield path, image, error
@@ -159,25 +175,26 @@ def predict_files(
 
 def main(argv: list[str]) -> None:
     cli.start_command(argv, takes_arguments=True)
-    if len(argv) < 2:
-        raise app.UsageError("Give one or more image files (or folders) to classify.")
-    if FLAGS.batch_size <= 0:
-        raise app.UsageError(f"--batch_size={FLAGS.batch_size} must be positive.")
-    paths = expand_paths(argv[1:])
-    if not paths:
-        sys.exit(f"error: no image files in {' '.join(argv[1:])}.")
     failed = 0
 
     def run() -> None:
         nonlocal failed
+        if len(argv) < 2:
+            raise cli.FlagError(
+                "give one or more image files (or folders) to classify, e.g. python -m "
+                "resnet_jax.predict --workdir runs/resnet18 photo.jpg"
+            )
+        if FLAGS.batch_size <= 0:
+            raise cli.FlagError(f"--batch_size={FLAGS.batch_size} must be positive.")
+        paths = expand_paths(argv[1:])
         classifier = Classifier(FLAGS.workdir, FLAGS.checkpoint, FLAGS.weights, FLAGS.flip)
         failed = predict_files(classifier, paths, FLAGS.batch_size, FLAGS.json)
 
     cli.exit_on_user_error(run, step_flag="--checkpoint=STEP")
     if failed:
-        sys.exit(f"error: {failed} of {len(paths)} files could not be classified (listed above).")
+        sys.exit(1)  # Each file that failed has its error line above.
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -64,7 +64,7 @@ def define_flags() -> None:
         "Config of the evaluation (default: the run's config.json).",
         lock_config=True,
     )
-    flags.mark_flag_as_required("workdir")
+    cli.require_flag("workdir", "the run folder to report on (e.g. --workdir runs/resnet18)")
 
 
 def read_scalars(workdir: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

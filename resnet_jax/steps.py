@@ -258,6 +258,21 @@ def read_eval_metrics(collection: EvalMetrics) -> dict[str, float | int]:
     return {**read_metrics(local), "num_examples": int(local.loss.count)}
 
 
+# The config keys that `schedule_settings` depends on; batch_size through the steps per
+# epoch (as does the dataset's size). A refused resume names those that changed.
+SCHEDULE_KEYS = (
+    "batch_size",
+    "num_epochs",
+    "num_train_steps",
+    "warmup_epochs",
+    "lr_schedule",
+    "learning_rate",
+    "lr_decay_steps",
+    "lr_decay_epochs",
+    "lr_decay_factor",
+)
+
+
 def schedule_settings(
     config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
 ) -> dict[str, Any]:

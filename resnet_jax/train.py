@@ -226,7 +226,7 @@ def _train_and_evaluate(
         "class_names": list(inputs.class_names),
         "preprocessing": data.preprocessing(config),
     }
-    state, same_data = checkpointing.resume(manager, state, run_meta, config.allow_schedule_change)
+    state, same_data = checkpointing.resume(manager, state, run_meta, config)
     start_step = int(state.step)
 
     logging.info(

@@ -14,7 +14,7 @@ import pytest
 from helpers import MAIN, ROOT, freeze, main_environment, run_main, tiny_state
 
 from configs import smoke
-from resnet_jax import checkpointing, config_checks, evaluate, sharding, train
+from resnet_jax import checkpointing, config_checks, defaults, evaluate, sharding, train
 
 STEPS, EVERY = 120, 40
 STEP_LINE = re.compile(r"\[(\d+)\] train_")
@@ -493,10 +493,101 @@ def test_a_resume_that_would_change_the_schedule_is_refused_unless_allowed(toy_f
     longer.num_train_steps = 16  # Would re-stretch the cosine from step 8 on.
     with pytest.raises(
         config_checks.ConfigError,
-        match=r"schedule differs .* at step 8 .*num_train_steps: 8 -> 16.*"
-        r"--config.allow_schedule_change=True",
+        match=r"at step 8 .* with num_train_steps 8 -> 16 would change the learning-rate "
+        r"schedule .*--config.num_train_steps=8, .*--config.allow_schedule_change=True",
     ):
         train.train_and_evaluate(longer, str(tmp_path))
     assert checkpointing.complete_steps(tmp_path) == [8]
     longer.allow_schedule_change = True
     assert train.train_and_evaluate(longer, str(tmp_path))["step"] == 16
+
+
+@pytest.fixture(scope="module")
+def epoch_run(toy_folder, tmp_path_factory):
+    """One epoch of the smoke config (6 steps of 32) on the toy folder: a budget in epochs."""
+    workdir = tmp_path_factory.mktemp("epoch")
+    config = smoke.get_config()
+    config.data_dir = str(toy_folder)
+    config.num_train_steps, config.num_epochs = -1, 1.0
+    assert train.train_and_evaluate(config, str(workdir))["step"] == 6
+    return workdir, config
+
+
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+def test_a_resume_with_another_batch_size_is_refused_naming_it(epoch_run, toy_folder):
+    workdir, _ = epoch_run
+    result = run_main(
+        "--config",
+        "configs/smoke.py",
+        "--workdir",
+        workdir,
+        f"--config.data_dir={toy_folder}",
+        "--config.num_train_steps=-1",
+        "--config.num_epochs=1",
+        "--config.batch_size=16",
+    )
+    assert result.returncode == 1
+    # Half the batch, twice the steps per epoch: a budget in epochs is twice the steps.
+    assert error_lines(result) == [
+        f"error: Resuming the checkpoint at step 6 in {workdir / 'checkpoints'} with "
+        "batch_size 32 -> 16 (which changes the steps per epoch, 6 -> 12) would change the "
+        "learning-rate schedule (num_train_steps 6 -> 12), so the rate would jump there. "
+        "Rerun with --config.batch_size=32, use a new --workdir, or pass "
+        "--config.allow_schedule_change=True to continue on the new schedule."
+    ]
+    assert "input settings differ" not in result.stderr and "Traceback" not in result.stderr
+    assert checkpointing.complete_steps(workdir) == [6]
+
+
+def test_an_allowed_resume_warns_naming_only_what_changed(epoch_run, caplog):
+    workdir, config = epoch_run
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    meta = checkpointing.read_meta(manager, 6)
+    halved = config.copy_and_resolve_references()
+    halved.batch_size, halved.allow_schedule_change = 16, True
+    run_meta = {
+        "data": {**meta["data"], "per_process_batch_size": 16, "steps_per_epoch": 12},
+        "schedule": {**meta["schedule"], "num_train_steps": 12},
+    }
+    state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
+    with caplog.at_level("WARNING"):
+        state, same_data = checkpointing.resume(manager, state, run_meta, halved)
+    assert int(state.step) == 6 and not same_data
+    assert [r.getMessage() for r in caplog.records if r.pathname == checkpointing.__file__] == [
+        "Continuing from step 6 on a changed learning-rate schedule (num_train_steps 6 -> 12).",
+        "The input settings differ from those of the checkpoint at step 6 "
+        "(per_process_batch_size 32 -> 16, steps_per_epoch 6 -> 12): training continues, "
+        "but not with the batches an uninterrupted run would see.",
+    ]
+    # No config key changed the schedule, the data did (twice the examples): it says so.
+    grown = {
+        "data": {**meta["data"], "num_examples": 384, "steps_per_epoch": 12},
+        "schedule": run_meta["schedule"],
+    }
+    with pytest.raises(
+        config_checks.ConfigError,
+        match=r"would change the learning-rate schedule \(num_train_steps 6 -> 12\), so the "
+        r"rate would jump there; the input settings changed \(num_examples 192 -> 384, "
+        r"steps_per_epoch 6 -> 12\)\. Resume with the run's data",
+    ):
+        checkpointing.resume(manager, state, grown, config)
+
+
+def test_eval_with_a_config_of_another_dataset_names_both_and_the_runs_own(epoch_run, toy_folder):
+    workdir, _ = epoch_run
+    result = run_main("--config", "configs/resnet18.py", "--workdir", workdir, "--mode=eval")
+    assert result.returncode == 1
+    # Said before opening cifar100, which is not there to open (nor to download).
+    assert error_lines(result) == [
+        f"error: the checkpoint at step 6 in {workdir} was trained on image_folder "
+        f"({toy_folder}), but the config asks for cifar100: pass the config the run was "
+        f"trained with, --config configs/from_workdir.py:{workdir} (its config.json; add "
+        "--config.data_dir=PATH if the data moved)."
+    ]
+    assert "Traceback" not in result.stderr
+    # The config it points to is the run's: its dataset and data.
+    own = defaults.from_workdir(str(workdir))
+    assert (own.dataset, own.data_dir) == ("image_folder", str(toy_folder))

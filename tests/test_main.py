@@ -2,8 +2,9 @@
 
 import json
 import os
+import re
 
-from helpers import ROOT, run_main
+from helpers import ROOT, run_main, run_module
 
 
 def summary(*args):
@@ -101,3 +102,43 @@ def test_runs_from_any_working_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["total_params"] == 269_722
+
+
+def test_a_missing_required_flag_is_one_line_saying_what_it_is_for():
+    example = "(e.g. --workdir runs/resnet18)."
+    cases = [
+        (
+            ["resnet_jax.predict", "photo.jpg"],
+            "error: --workdir is required: the run folder whose checkpoint classifies the "
+            f"images {example}",
+        ),
+        (
+            ["resnet_jax.export", "--workdir=runs/x", "--format=all"],
+            "error: --out is required: the folder to create for the export (e.g. --out "
+            "exports/resnet18).",
+        ),
+        (
+            ["resnet_jax.main"],
+            "error: --config is required: the config file of the run (e.g. --config "
+            "configs/resnet18.py).",
+        ),
+        (
+            ["resnet_jax.main", "--config=configs/smoke.py", "--mode=eval"],
+            "error: --workdir is required for --mode=eval: the run folder, for its "
+            f"checkpoints, logs and results {example}",
+        ),
+    ]
+    for (module, *args), line in cases:
+        result = run_module(module, *args)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [line], (module, args)
+
+
+def test_help_lists_the_commands_own_flags_defined_in_cli():
+    for module, own in (
+        ("resnet_jax.predict", ("workdir", "batch_size", "json", "flip")),
+        ("resnet_jax.export", ("workdir", "format", "out")),
+    ):
+        result = run_module(module, "--help")
+        listed = set(re.findall(r"^  --(?:\[no\])?(\w+)", result.stdout, re.MULTILINE))
+        assert {*own, "checkpoint", "weights", "compilation_cache"} <= listed, result.stdout

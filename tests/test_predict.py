@@ -96,6 +96,29 @@ def test_bad_input_is_one_clear_error(run, tmp_path):
     assert all("Traceback" not in r.stderr for r in (empty, best, missing, no_images, typo))
 
 
+def error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error")]
+
+
+def test_a_mistyped_path_stops_and_an_undecodable_file_is_one_line(run, tmp_path):
+    workdir, _, _ = run
+    image = write_images(tmp_path / "images", 1)[0]
+    typo = tmp_path / "imgaes" / "000.png"
+    result = run_predict(f"--workdir={workdir}", image, typo)
+    assert result.returncode == 1 and result.stdout == ""  # Before classifying any.
+    assert error_lines(result) == [f"error: no such file or folder: {typo}"]
+    # A file that is there but is no image: its line, and the others are classified.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    result = run_predict(f"--workdir={workdir}", broken, image)
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"error: cannot read {broken} as an image (UnidentifiedImageError: cannot identify "
+        f"image file '{broken}')"
+    ]
+    assert result.stdout.splitlines()[0] == str(image)
+
+
 def test_a_corrupt_checkpoint_names_the_others(run, tmp_path):
     workdir, config, state = run
     copy = tmp_path / "run"

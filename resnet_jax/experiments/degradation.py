@@ -51,7 +51,10 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Folder of the experiment: one subfolder per run.")
     flags.DEFINE_list("depths", ["20", "56"], "Depths, each 6n + 2 (20, 32, 44, 56, 110).")
     flags.DEFINE_string("out", None, "Where the figure and table go (default: --workdir).")
-    flags.mark_flag_as_required("workdir")
+    cli.require_flag(
+        "workdir",
+        "the experiment's folder, one subfolder per run (e.g. --workdir runs/degradation)",
+    )
 
 
 def run_names(depths: list[int]) -> list[str]:

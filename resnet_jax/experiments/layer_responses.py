@@ -72,7 +72,11 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "gradient_batches", 4, "First training batches the gradient norms average over."
     )
-    flags.mark_flag_as_required("workdir")
+    cli.require_flag(
+        "workdir",
+        "the degradation experiment's folder, whose runs are analysed (e.g. --workdir "
+        "runs/degradation)",
+    )
 
 
 class LayerResponsesError(Exception):
@@ -553,4 +557,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

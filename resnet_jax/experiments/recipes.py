@@ -76,7 +76,9 @@ def define_flags() -> None:
         False,
         "Train nothing: tabulate the runs that have finished (for a look while others train).",
     )
-    flags.mark_flag_as_required("workdir")
+    cli.require_flag(
+        "workdir", "the experiment's folder, one subfolder per run (e.g. --workdir runs/recipes)"
+    )
 
 
 def parse_runs(variants: list[str], seeds: list[str]) -> tuple[list[str], list[int]]:
