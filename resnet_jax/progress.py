@@ -7,7 +7,8 @@ The rate counts the images of the steps since the previous line over the time si
 TensorBoard's `train_examples_per_sec` shows. The ETA divides the steps left by the steps
 per second since the first step finished, so it also accounts for the evaluations and
 checkpoints to come. clu's `ReportProgress` still writes `steps_per_sec` and `uptime` to
-TensorBoard; it times only the gaps between its own calls, so it reads somewhat higher.
+TensorBoard; its first reading times steps dispatched but not yet run (the host does not
+wait for them), the later ones agree with this rate.
 """
 
 import time
