@@ -279,7 +279,7 @@ def run_main_part(settings: dict[str, Any], limit: float) -> dict[str, Any]:
     if first:
         row["first_step_s"] = float(first.group(1))
     # The second epoch's rate: steady state, the first epoch's compilation behind it.
-    rate = re.search(rf"\[{2 * steps_per_epoch}\] train_examples_per_sec=([\d.]+)", output)
+    rate = re.search(rf"\] step {2 * steps_per_epoch}/\d+ .* \| ([\d.]+) img/s \|", output)
     if status == "ok" and rate:
         rate = float(rate.group(1))
         row.update(train_img_per_s=rate, epoch_s=images / rate, cifar_epoch_s=50_000 / rate)

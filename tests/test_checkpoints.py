@@ -17,7 +17,7 @@ from configs import smoke
 from resnet_jax import checkpointing, config_checks, defaults, evaluate, sharding, train
 
 STEPS, EVERY = 120, 40
-STEP_LINE = re.compile(r"\[(\d+)\] train_")
+STEP_LINE = re.compile(r"\] step (\d+)/\d+ ")
 
 
 def main_args(workdir, toy_folder, *extra):
@@ -104,7 +104,7 @@ def reference_run(toy_folder, tmp_path_factory):
 def logged_eval_top1(workdir):
     """step -> eval top-1 as the run logged it."""
     lines = re.findall(
-        r"\[(\d+)\] eval_.*eval_top1=([0-9.e-]+)", (workdir / "stderr.txt").read_text()
+        r"\] eval at step (\d+): top1 ([0-9.]+) ", (workdir / "stderr.txt").read_text()
     )
     return {int(step): float(top1) for step, top1 in lines}
 
