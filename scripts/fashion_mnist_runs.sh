@@ -61,6 +61,12 @@ done
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation6000 \
   --workdir "$runs/degradation_fmnist_6000" --depths 20,56
 python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist_6000"
+# The start-up test: the same 3,000-iteration ResNets with each residual branch's last
+# BatchNorm scale at zero, so that every block starts as the identity (the plain nets
+# have no branch to zero; the ResNet panel alone).
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
+  --workdir "$runs/degradation_fmnist_zi" --depths 20,56 --kinds resnet \
+  --config.model.zero_init_residual=True
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \

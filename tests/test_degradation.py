@@ -89,12 +89,29 @@ def test_rerun_skips_finished_runs_and_resumes_a_killed_one(experiment, toy_fold
     assert after == before
 
 
+def test_the_resnet_panel_alone(experiment, toy_folder, tmp_path):
+    """--kinds=resnet: the finished ResNet run is tabulated and drawn, the plain one left out."""
+    workdir, _ = experiment
+    result = run_experiment(workdir, toy_folder, "--kinds=resnet", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Run 1 of 1, resnet8: finished before, skipped." in result.stderr
+    data = json.loads((tmp_path / "degradation.json").read_text())
+    assert [r["model"] for r in data["runs"]] == ["resnet8"]
+    with Image.open(tmp_path / "degradation.png") as image:
+        assert 500 < image.size[0] < 1000  # One panel.
+
+
 def test_bad_depths_are_refused():
     for bad in (["21"], ["abc"], ["20", "20"], ["2"]):
         with pytest.raises(degradation.ExperimentError, match="--depths"):
             degradation.parse_depths(bad)
     assert degradation.parse_depths(["56", "20"]) == [20, 56]
     assert degradation.run_names([20, 56]) == ["plain20", "plain56", "resnet20", "resnet56"]
+    assert degradation.parse_kinds(["resnet", "plain"]) == ("plain", "resnet")
+    assert degradation.run_names([20, 56], ("resnet",)) == ["resnet20", "resnet56"]
+    for bad in (["dense"], []):
+        with pytest.raises(degradation.ExperimentError, match="--kinds"):
+            degradation.parse_kinds(bad)
 
 
 def test_finished_means_the_same_config(tmp_path):

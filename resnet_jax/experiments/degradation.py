@@ -50,6 +50,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("workdir", None, "Folder of the experiment: one subfolder per run.")
     flags.DEFINE_list("depths", ["20", "56"], "Depths, each 6n + 2 (20, 32, 44, 56, 110).")
+    flags.DEFINE_list(
+        "kinds",
+        list(KINDS),
+        "Which panels: plain, resnet or both; e.g. --kinds=resnet for the ResNets alone (a "
+        "setting such as model.zero_init_residual that only changes ResNets).",
+    )
     flags.DEFINE_string("out", None, "Where the figure and table go (default: --workdir).")
     cli.require_flag(
         "workdir",
@@ -57,9 +63,21 @@ def define_flags() -> None:
     )
 
 
-def run_names(depths: list[int]) -> list[str]:
-    """plain<d> and resnet<d> for each depth, plain first."""
-    return [f"{kind}{depth}" for kind in KINDS for depth in depths]
+def run_names(depths: list[int], kinds: tuple[str, ...] = KINDS) -> list[str]:
+    """<kind><d> for each kind and depth, plain first."""
+    return [f"{kind}{depth}" for kind in kinds for depth in depths]
+
+
+def parse_kinds(values: list[str]) -> tuple[str, ...]:
+    """The --kinds values, in the figure's order (plain, then resnet).
+
+    Raises:
+      ExperimentError: a value is neither plain nor resnet, or none is given.
+    """
+    unknown = [value for value in values if value not in KINDS]
+    if unknown or not values:
+        raise ExperimentError(f"--kinds: {values} must name plain, resnet or both.")
+    return tuple(kind for kind in KINDS if kind in values)
 
 
 def parse_depths(values: list[str]) -> list[int]:
@@ -137,9 +155,12 @@ def plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     depths = sorted({r["depth"] for r in runs})
+    kinds = [kind for kind in KINDS if any(r["kind"] == kind for r in runs)]
     colors = {d: plt.get_cmap("tab10")(i) for i, d in enumerate(depths)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, kind in zip(axes, KINDS, strict=True):
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(5.5 * len(kinds), 4.2), sharey=True, squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds, strict=True):
         for run in (r for r in runs if r["kind"] == kind):
             color = colors[run["depth"]]
             train, test = run["train_curve"], run["test_curve"]
@@ -155,7 +176,7 @@ def plot(runs: list[dict], path: pathlib.Path, title: str) -> None:
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
         ax.legend(title="bold: test, thin: train")
-    axes[0].set_ylabel("error (%)")
+    axes[0][0].set_ylabel("error (%)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -178,17 +199,22 @@ def table(runs: list[dict]) -> str:
 
 
 def run_experiment(
-    config: ml_collections.ConfigDict, root: pathlib.Path, depths: list[int], out: pathlib.Path
+    config: ml_collections.ConfigDict,
+    root: pathlib.Path,
+    depths: list[int],
+    out: pathlib.Path,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[dict]:
     """Trains what is missing, then writes degradation.{png,md,json} into `out`."""
-    names = run_names(depths)
+    names = run_names(depths, kinds)
     train_runs(config, root, names)
     runs = collect(root, names, config)
     out.mkdir(parents=True, exist_ok=True)
     dataset = config.dataset
     if dataset == "image_folder" and config.data_dir:
         dataset = f"{pathlib.Path(config.data_dir).name} (image folder)"
-    plot(runs, out / "degradation.png", f"{dataset}: plain vs residual nets, by depth")
+    title = "plain vs residual nets" if len(kinds) == 2 else f"{kinds[0]} nets"
+    plot(runs, out / "degradation.png", f"{dataset}: {title}, by depth")
     (out / "degradation.md").write_text(table(runs))
     (out / "degradation.json").write_text(
         json.dumps({"dataset": config.dataset, "runs": runs}, indent=1) + "\n"
@@ -201,7 +227,8 @@ def _run() -> None:
 
     root = checkpointing.absolute_workdir(FLAGS.workdir)
     out = pathlib.Path(FLAGS.out) if FLAGS.out else pathlib.Path(root)
-    runs = run_experiment(FLAGS.config, pathlib.Path(root), parse_depths(FLAGS.depths), out)
+    depths, kinds = parse_depths(FLAGS.depths), parse_kinds(FLAGS.kinds)
+    runs = run_experiment(FLAGS.config, pathlib.Path(root), depths, out, kinds)
     print(table(runs), end="")
     logging.info("Wrote %s, .md and .json.", out / "degradation.png")
 
