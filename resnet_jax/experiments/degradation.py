@@ -213,7 +213,9 @@ def run_experiment(
     dataset = config.dataset
     if dataset == "image_folder" and config.data_dir:
         dataset = f"{pathlib.Path(config.data_dir).name} (image folder)"
-    title = "plain vs residual nets" if len(kinds) == 2 else f"{kinds[0]} nets"
+    title = "plain vs residual nets"
+    if len(kinds) == 1:
+        title = "ResNets" if kinds == ("resnet",) else "plain nets"
     plot(runs, out / "degradation.png", f"{dataset}: {title}, by depth")
     (out / "degradation.md").write_text(table(runs))
     (out / "degradation.json").write_text(
