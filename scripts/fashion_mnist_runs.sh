@@ -67,6 +67,11 @@ python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fm
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
   --workdir "$runs/degradation_fmnist_zi" --depths 20,56 --kinds resnet \
   --config.model.zero_init_residual=True
+# The paper's remedy for a deep net's start (its ResNet-110 begins at lr 0.01): a linear
+# warm-up over the first 400 iterations, both ResNets, the 3,000-iteration recipe.
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
+  --workdir "$runs/degradation_fmnist_warmup" --depths 20,56 --kinds resnet \
+  --config.warmup_epochs=5.12
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
