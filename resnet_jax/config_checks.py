@@ -9,6 +9,8 @@ LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
 # How batches reach the devices (resnet_jax/data/__init__.py).
 INPUT_MODES = ("auto", "device", "stream")
 AUGMENTATIONS = ("crop_flip", "random_resized_crop")
+# Decoders of the stream path's Inception crop (resnet_jax/data/decode.py's DECODERS).
+STREAM_DECODERS = ("opencv", "pil")
 # The train step's augmentation policies, and their number of magnitude bins
 # (resnet_jax/data/augment.py).
 POLICIES = ("none", "randaugment", "trivialaugment")
@@ -152,6 +154,10 @@ CHOICES = {
     "augment": (
         AUGMENTATIONS,
         " (crop_flip for CIFAR-like data, random_resized_crop for ImageNet-like data)",
+    ),
+    "stream_decoder": (
+        STREAM_DECODERS,
+        " (opencv: faster, resize without antialiasing; pil: antialiased, as torchvision)",
     ),
     "lr_schedule": (LR_SCHEDULES, ""),
     "policy": (POLICIES, " (see resnet_jax/data/augment.py)"),

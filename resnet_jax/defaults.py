@@ -81,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = "crop_flip"
     config.crop_padding = 4
     config.random_flip = True
+    # What decodes and resizes random_resized_crop's JPEGs on the stream path: "opencv"
+    # (libjpeg-turbo, bilinear resize without antialiasing, as TensorFlow's Inception crop;
+    # about twice the images per host core) or "pil" (antialiased, as torchvision's).
+    # Evaluation and predict always decode with PIL (resnet_jax/data/decode.py).
+    config.stream_decoder = "opencv"
 
     # Augmentations of modern recipes, all off by default, run on the devices inside the
     # train step after the crop and flip, for both input paths (resnet_jax/data/augment.py).

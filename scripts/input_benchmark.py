@@ -36,6 +36,8 @@ and the machine: cpu_model, host_cores, devices, device_kind, platform, load ave
 before and after, jax version, date, command.
 """
 
+import dataclasses
+import math
 import os
 import pathlib
 import platform
@@ -58,6 +60,24 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["32", "224"], "Image sizes (px); < 64: CIFAR-like, else ImageNet-like.")
 flags.DEFINE_list("workers", ["0", "2"], "Worker processes of the stream path (0: in-process).")
+flags.DEFINE_list(
+    "decoders",
+    ["opencv"],
+    "At ImageNet sizes, side by side: opencv and pil (config.stream_decoder), and before "
+    "(the stream path of commit f951dea: per-record grain elements, PIL, numpy's flip).",
+)
+flags.DEFINE_list(
+    "jpegs",
+    ["generated"],
+    "ImageNet-size files to read: generated (400x350 at 224 px, ~90 KB), imagenet "
+    "(500x375, ~110 KB, ImageNet's average) and photo (2400x1800, reduced-size decoding).",
+)
+flags.DEFINE_bool(
+    "breakdown",
+    False,
+    "Also time each stage of one image's way (header, decode, resize, flip, grain and "
+    "batching, transfer) in this process, per decoder and file kind.",
+)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_integer("batches", 20, "Batches per timed window.")
 flags.DEFINE_integer("repeats", 3, "Timed windows; the median is reported.")
@@ -66,9 +86,13 @@ flags.DEFINE_string("json_out", None, "Also write the JSON result to this file."
 
 # From this size on, the stream path reads ImageNet-like JPEGs with the Inception crop.
 _IMAGENET_FROM = 64
-# ImageNet-like files at 224 px, scaled with the size; pixel noise standard deviation.
-_JPEG_SIZE_AT_224 = (400, 350)
-_JPEG_NOISE = 32.0
+# ImageNet-size files, (width, height) at 224 px (scaled with the size) and the standard
+# deviation of their pixel noise, which sets how large they compress.
+_JPEGS = {
+    "generated": ((400, 350), 32.0),
+    "imagenet": ((500, 375), 28.0),
+    "photo": ((2400, 1800), 12.0),
+}
 _CROP_PADDING = 4
 _CLASSES = 4
 
@@ -115,6 +139,44 @@ def _timed(next_batch: Callable[[], Any], warmup: int, batch_size: int) -> dict[
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class BeforeDecode:
+    """Commit f951dea's training transform: PIL's Inception crop, numpy's flip, a dict."""
+
+    image_size: int
+
+    def __call__(self, record: Any, rng: Any) -> dict[str, Any]:
+        import numpy as np
+
+        from resnet_jax.data import decode
+
+        image = decode.random_resized_crop(record, self.image_size, rng, "pil")
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
+
+
+def before_batches(split: Any, batch: int, image_size: int, workers: int) -> Any:
+    """Commit f951dea's stream pipeline (seed 0): one grain element per record, then batched."""
+    import grain
+
+    from resnet_jax.data import splits, stream
+
+    steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
+    batches = (
+        grain.MapDataset.source(split.records)
+        .shuffle(seed=stream._seed(0, splits.SHUFFLE_TAG, split.process_index))
+        .slice(slice(0, steps * batch))
+        .repeat()
+        .random_map(
+            BeforeDecode(image_size),
+            seed=stream._seed(0, splits.CROP_FLIP_TAG, split.process_index),
+        )
+        .batch(batch, drop_remainder=True)
+    )
+    return stream.TrainIterator(batches, start_step=0, num_workers=workers, data_settings={})
+
+
 def bench_device(size: int, mesh: Any) -> dict[str, Any]:
     batches = timing.device_input(
         mesh, FLAGS.num_files, size, FLAGS.batch_size, _CROP_PADDING, random_flip=True
@@ -141,16 +203,19 @@ def _picture(rng: Any, width: int, height: int, noise: float) -> Any:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
-    """root/train/class<k>/: `count` CIFAR-like PNGs or ImageNet-like JPEGs; what they are."""
+def write_folder(
+    root: pathlib.Path, size: int, count: int, jpegs: str = "generated"
+) -> dict[str, Any]:
+    """root/train/class<k>/: `count` CIFAR-like PNGs or ImageNet-size JPEGs; what they are."""
     import numpy as np
 
     rng = np.random.default_rng(size)
     if size < _IMAGENET_FROM:
         kind, width, height, noise = "png", size, size, 8.0
     else:
-        kind, noise = "jpeg", _JPEG_NOISE
-        width, height = (round(side * size / 224) for side in _JPEG_SIZE_AT_224)
+        kind = "jpeg"
+        base, noise = _JPEGS[jpegs]
+        width, height = (round(side * size / 224) for side in base)
     total = 0
     for i in range(count):
         folder = root / "train" / f"class{i % _CLASSES}"
@@ -164,6 +229,7 @@ def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
         total += path.stat().st_size
     return {
         "image_size": size,
+        "jpegs": jpegs if kind == "jpeg" else None,
         "format": kind,
         "count": count,
         "width": width,
@@ -172,24 +238,31 @@ def write_folder(root: pathlib.Path, size: int, count: int) -> dict[str, Any]:
     }
 
 
-def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict[str, Any]:
+def bench_stream(
+    root: pathlib.Path, size: int, workers: int, mesh: Any, decoder: str
+) -> dict[str, Any]:
     from resnet_jax import defaults, sharding
     from resnet_jax.data import stream
 
     config = defaults.saved_config({"dataset": "image_folder", "data_dir": str(root)}, "bench")
     split = stream.open_split(config, "train")
     augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
-    iterator = stream.train_batches(
-        split,
-        per_process_batch_size=sharding.per_process_batch_size(FLAGS.batch_size, mesh),
-        seed=0,
-        start_step=0,
-        image_size=size,
-        augment=augment,
-        crop_padding=_CROP_PADDING if augment == "crop_flip" else 0,
-        random_flip=True,
-        num_workers=workers,
-    )
+    local = sharding.per_process_batch_size(FLAGS.batch_size, mesh)
+    if decoder == "before":
+        iterator = before_batches(split, local, size, workers)
+    else:
+        iterator = stream.train_batches(
+            split,
+            per_process_batch_size=local,
+            seed=0,
+            start_step=0,
+            image_size=size,
+            augment=augment,
+            crop_padding=_CROP_PADDING if augment == "crop_flip" else 0,
+            random_flip=True,
+            num_workers=workers,
+            decoder=decoder,
+        )
     try:
         # Batch i comes from worker i % workers: two rounds have started every worker.
         rates = _timed(
@@ -199,7 +272,14 @@ def bench_stream(root: pathlib.Path, size: int, workers: int, mesh: Any) -> dict
         )
     finally:
         iterator.close()
-    return {"path": "stream", "image_size": size, "workers": workers, "augment": augment, **rates}
+    return {
+        "path": "stream",
+        "image_size": size,
+        "workers": workers,
+        "augment": augment,
+        "decoder": decoder if augment == "random_resized_crop" else "pil",
+        **rates,
+    }
 
 
 def _cpu_model() -> str:
@@ -218,21 +298,170 @@ def _print_table(result: dict[str, Any]) -> None:
         f"of {result['cpu_model']}; batch {result['batch_size']}"
     )
     print(
-        f"  {'path':<7} {'px':>4} {'workers':>7}  {'augment':<19} {'img/s':>9} "
-        f"{'img per CPU-s':>13} {'cores busy':>10}"
+        f"  {'path':<7} {'px':>4} {'files':<9} {'workers':>7}  {'augment':<19} {'decoder':<7} "
+        f"{'img/s':>9} {'img per CPU-s':>13} {'cores busy':>10}"
     )
     for row in result["rows"]:
         workers = "-" if row["workers"] is None else str(row["workers"])
         print(
-            f"  {row['path']:<7} {row['image_size']:>4} {workers:>7}  {row['augment']:<19} "
-            f"{row['img_per_s']:>9,.0f} {row['img_per_cpu_s']:>13,.0f} "
-            f"{row['cores_busy']:>10.2f}"
+            f"  {row['path']:<7} {row['image_size']:>4} {row['files'] or '-':<9} {workers:>7}  "
+            f"{row['augment']:<19} {row['decoder'] or '-':<7} {row['img_per_s']:>9,.0f} "
+            f"{row['img_per_cpu_s']:>13,.0f} {row['cores_busy']:>10.2f}"
         )
     for f in result["files"]:
         print(
-            f"  files at {f['image_size']} px: {f['count']} {f['format']}, "
-            f"{f['width']}x{f['height']}, {f['mean_bytes'] / 1e3:,.1f} KB on average"
+            f"  files at {f['image_size']} px{' (' + f['jpegs'] + ')' if f['jpegs'] else ''}: "
+            f"{f['count']} {f['format']}, {f['width']}x{f['height']}, "
+            f"{f['mean_bytes'] / 1e3:,.1f} KB on average"
         )
+    for b in result.get("breakdown", []):
+        stages = ", ".join(f"{name} {ms:.3f}" for name, ms in b["ms_per_image"].items())
+        print(f"  ms of CPU per image, {b['image_size']} px {b['jpegs']}, {b['decoder']}: {stages}")
+
+
+def _cpu_ms(work: Callable[[], Any], count: int, repeats: int = 3) -> float:
+    """Least CPU milliseconds of this process per item over `repeats` runs of `work`."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return 1e3 * best / count
+
+
+def breakdown(root: pathlib.Path, size: int, jpegs: str, decoder: str, mesh: Any) -> dict:
+    """Where one image's CPU time goes, in this process, over the first --batch_size files.
+
+    Stages are timed on the library calls the decoder makes (the same crops, drawn from
+    seed 0): reading the file and its header with the crop drawn, the JPEG decode
+    (at reduced size where the crop allows), the crop and resize (with PIL's EXIF and mode
+    conversions for pil), and the flip of half the images. "grain and batching" is the
+    pipeline's time per image (one whole batch, no threads) minus those stages: per-record
+    Python, grain's elements and stacking (before), the copy into the batch. "transfer" is
+    sharding.global_batch of one batch.
+    """
+    import io
+
+    import cv2
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from resnet_jax import defaults, sharding
+    from resnet_jax.data import decode, stream
+
+    cv2.setNumThreads(1)
+    paths = sorted((root / "train").glob("*/*.jpeg"))[: FLAGS.batch_size]
+    count = len(paths)
+    rng = np.random.default_rng(0)
+    prepared = []  # (bytes, crop box, flip)
+    for path in paths:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            box = decode._inception_crop_box(*image.size, rng)
+        prepared.append((data, box, rng.random() < 0.5))
+
+    def header() -> None:
+        r = np.random.default_rng(0)
+        for path in paths:
+            with Image.open(io.BytesIO(path.read_bytes())) as image:
+                image.getexif()
+                decode._inception_crop_box(*image.size, r)
+
+    def wanted(image_size: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[int, int]:
+        return (math.ceil(image_size[0] * size / box[2]), math.ceil(image_size[1] * size / box[3]))
+
+    def pil_decoded() -> list:
+        out = []
+        for data, box, _ in prepared:
+            image = Image.open(io.BytesIO(data))
+            stored_width = image.size[0]
+            drafted = image.draft("RGB", wanted(image.size, box))
+            image.load()
+            scale = 1.0 if drafted is None else drafted[1][2] / stored_width
+            out.append((image, [v * scale for v in box]))
+        return out
+
+    def cv2_decoded() -> list:
+        out = []
+        for data, box, _ in prepared:
+            factor = decode._reduction(box[2], box[3], size)
+            flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+            pixels = cv2.imdecode(
+                np.frombuffer(data, np.uint8), flags | decode._OPENCV_REDUCTION_BITS[factor]
+            )
+            out.append((pixels, [round(v / factor) for v in box]))
+        return out
+
+    stages = {"read and header": _cpu_ms(header, count)}
+    if decoder == "opencv":
+        stages["decode"] = _cpu_ms(cv2_decoded, count)
+        decoded = cv2_decoded()
+
+        def resize() -> list:
+            return [
+                cv2.resize(p[b[1] : b[1] + b[3], b[0] : b[0] + b[2]], (size, size))
+                for p, b in decoded
+            ]
+
+        stages["crop and resize"] = _cpu_ms(resize, count)
+        images = resize()
+        slots = np.empty((count, size, size, 3), np.uint8)
+
+        def flip() -> None:
+            for i, (image, (_, _, flipped)) in enumerate(zip(images, prepared, strict=True)):
+                if flipped:
+                    cv2.flip(image, 1, dst=slots[i])
+    else:
+        stages["decode"] = _cpu_ms(pil_decoded, count)
+        decoded = pil_decoded()
+
+        def resize() -> list:
+            out = []
+            for image, (left, top, w, h) in decoded:
+                image = ImageOps.exif_transpose(image).convert("RGB")
+                image = image.resize(
+                    (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
+                )
+                out.append(np.asarray(image, dtype=np.uint8))
+            return out
+
+        stages["crop and resize"] = _cpu_ms(resize, count)
+        images = resize()
+
+        def flip() -> None:
+            for image, (_, _, flipped) in zip(images, prepared, strict=True):
+                if flipped and decoder == "before":
+                    np.ascontiguousarray(image[:, ::-1])
+                elif flipped:
+                    cv2.flip(image, 1)
+
+    stages["flip"] = _cpu_ms(flip, count)
+    config = defaults.saved_config({"dataset": "image_folder", "data_dir": str(root)}, "bench")
+    split = stream.open_split(config, "train")
+    if decoder == "before":
+        pipeline = before_batches(split, count, size, 0)._batches
+    else:
+        iterator = stream.train_batches(
+            split,
+            per_process_batch_size=count,
+            seed=0,
+            start_step=0,
+            image_size=size,
+            augment="random_resized_crop",
+            crop_padding=0,
+            random_flip=True,
+            num_workers=0,
+            decoder=decoder,
+        )
+        pipeline = iterator._batches
+    total = _cpu_ms(lambda: pipeline[0], count)
+    stages["grain and batching"] = max(0.0, total - sum(stages.values()))
+    batch = pipeline[0]
+    stages["transfer"] = _cpu_ms(
+        lambda: sharding.global_batch(batch, mesh)["image"].block_until_ready(), count
+    )
+    stages["total"] = total + stages["transfer"]
+    return {"image_size": size, "jpegs": jpegs, "decoder": decoder, "ms_per_image": stages}
 
 
 def main(argv: list[str]) -> None:
@@ -245,12 +474,21 @@ def main(argv: list[str]) -> None:
     import jax
 
     from resnet_jax import sharding
+    from resnet_jax.data import decode
 
     try:
         sizes = [int(s) for s in FLAGS.sizes]
         worker_counts = [int(w) for w in FLAGS.workers]
     except ValueError as e:
         raise app.UsageError(f"--sizes and --workers take integers, e.g. 32,224: {e}") from e
+    decoders, jpegs = list(FLAGS.decoders), list(FLAGS.jpegs)
+    if not decoders or set(decoders) - {*decode.DECODERS, "before"}:
+        raise app.UsageError(
+            f"--decoders={','.join(decoders)}: each must be one of {', '.join(decode.DECODERS)}, "
+            "before."
+        )
+    if not jpegs or set(jpegs) - set(_JPEGS):
+        raise app.UsageError(f"--jpegs={','.join(jpegs)}: each must be one of {', '.join(_JPEGS)}.")
     if min(sizes) <= 0 or min(worker_counts) < 0:
         raise app.UsageError(f"--sizes={FLAGS.sizes} must be positive, --workers >= 0.")
     if FLAGS.batches <= 0 or FLAGS.repeats <= 0:
@@ -263,13 +501,22 @@ def main(argv: list[str]) -> None:
             f"raise --num_files or lower --batch_size."
         )
     device = mesh.devices.flat[0]
-    rows, files = [], []
+    rows, files, stages = [], [], []
     for size in sizes:
-        rows.append(bench_device(size, mesh))
-        with tempfile.TemporaryDirectory(prefix="input_benchmark_") as tmp:
-            files.append(write_folder(pathlib.Path(tmp), size, FLAGS.num_files))
-            for workers in worker_counts:
-                rows.append(bench_stream(pathlib.Path(tmp), size, workers, mesh))
+        row = bench_device(size, mesh)
+        rows.append({**row, "files": None, "decoder": None})
+        imagenet = size >= _IMAGENET_FROM
+        for kind in jpegs if imagenet else ["png"]:
+            with tempfile.TemporaryDirectory(prefix="input_benchmark_") as tmp:
+                root = pathlib.Path(tmp)
+                files.append(write_folder(root, size, FLAGS.num_files, kind if imagenet else ""))
+                for workers in worker_counts:
+                    for decoder in decoders if imagenet else ["pil"]:
+                        row = bench_stream(root, size, workers, mesh, decoder)
+                        rows.append({**row, "files": kind, "decoder": row["decoder"]})
+                if FLAGS.breakdown and imagenet:
+                    for decoder in decoders:
+                        stages.append(breakdown(root, size, kind, decoder, mesh))
     result = {
         "rows": rows,
         "files": files,
@@ -287,6 +534,8 @@ def main(argv: list[str]) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": shlex.join(["python", *sys.argv]),
     }
+    if stages:
+        result["breakdown"] = stages
     _print_table(result)
     timing.print_json(result, FLAGS.json_out)
 

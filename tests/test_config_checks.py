@@ -21,6 +21,7 @@ BAD = {
     "image_size": 0,
     "eval_resize_size": -1,
     "augment": "mixup",
+    "stream_decoder": "turbo",
     "crop_padding": -4,
     "random_flip": "yes",
     "batch_size": 0,

@@ -16,6 +16,8 @@ ROW_KEYS = {
     "img_per_s",
     "img_per_cpu_s",
     "cores_busy",
+    "files",
+    "decoder",
 }
 
 
@@ -27,6 +29,7 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
             "scripts/input_benchmark.py",
             "--sizes=16,64",
             "--workers=0,1",
+            "--decoders=before,opencv",
             "--batch_size=8",
             "--batches=2",
             "--repeats=1",
@@ -45,15 +48,17 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
     data = json.loads(lines[-1])
     assert json.loads(out.read_text()) == data
 
-    rows = {(r["path"], r["image_size"], r["workers"]): r for r in data["rows"]}
+    rows = {(r["path"], r["image_size"], r["workers"], r["decoder"]): r for r in data["rows"]}
     assert sorted(rows, key=str) == sorted(
         [
-            ("device", 16, None),
-            ("stream", 16, 0),
-            ("stream", 16, 1),
-            ("device", 64, None),
-            ("stream", 64, 0),
-            ("stream", 64, 1),
+            ("device", 16, None, None),
+            ("stream", 16, 0, "pil"),
+            ("stream", 16, 1, "pil"),
+            ("device", 64, None, None),
+            ("stream", 64, 0, "before"),
+            ("stream", 64, 0, "opencv"),
+            ("stream", 64, 1, "before"),
+            ("stream", 64, 1, "opencv"),
         ],
         key=str,
     )
@@ -66,10 +71,12 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
     # One table line per row, between the header lines and the files' lines.
     assert sum(line.split()[:1] in (["device"], ["stream"]) for line in lines) == len(rows)
     assert {r["augment"] for r in data["rows"] if r["image_size"] == 16} == {"crop_flip"}
-    assert rows["stream", 64, 0]["augment"] == "random_resized_crop"
-    assert rows["device", 64, None]["augment"] == "crop_flip"
+    assert rows["stream", 64, 0, "opencv"]["augment"] == "random_resized_crop"
+    assert rows["device", 64, None, None]["augment"] == "crop_flip"
+    assert {r["files"] for r in data["rows"] if r["path"] == "stream"} == {"png", "generated"}
 
     files = {f["image_size"]: f for f in data["files"]}
+    assert (files[16]["jpegs"], files[64]["jpegs"]) == (None, "generated")
     assert (files[16]["format"], files[16]["width"], files[16]["height"]) == ("png", 16, 16)
     assert (files[64]["format"], files[64]["width"], files[64]["height"]) == ("jpeg", 114, 100)
     assert all(f["count"] == 40 and f["mean_bytes"] > 0 for f in files.values())

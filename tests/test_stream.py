@@ -15,6 +15,7 @@ from data_fixtures import (
     write_cifar100_archive,
     write_image_folder,
 )
+from helpers import ROOT
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from resnet_jax import defaults
@@ -566,3 +567,81 @@ def test_memory_and_first_batch_do_not_grow_with_the_dataset(tmp_path):
         assert result["opens_at_first"] <= 4 * 16
         assert result["opens"] <= (20 + 4) * 16
     assert large["peak_mb"] <= small["peak_mb"] + 25, (small, large)
+
+
+# Stored pixels for each EXIF orientation: the inverse of PIL's exif_transpose step.
+_STORED = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def test_opencv_crop_follows_exif_and_draft_within_rounding(tmp_path):
+    upright = _gradient_image(96, 64)
+    for orientation, method in _STORED.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.jpg"
+        (upright if method is None else upright.transpose(method)).save(path, quality=95, exif=exif)
+        with Image.open(path) as stored:
+            assert ImageOps.exif_transpose(stored).size == (96, 64), orientation
+        record = stream._Record(str(path), 0, None)
+        for seed in range(3):
+            got = decode.random_resized_crop(record, 16, np.random.default_rng(seed), "opencv")
+            want = _reference_crop(path, 16, seed)
+            assert got.shape == (16, 16, 3) and got.dtype == np.uint8
+            # A wrong turn of the image would be off by ~100 levels on this gradient.
+            error = np.abs(got.astype(int) - want.astype(int)).mean()
+            assert error < 3, (orientation, seed, error)
+    # Reduced-size decoding: a 480x360 JPEG cropped to 16 px, close to the full decode.
+    jpeg = tmp_path / "photo.jpg"
+    _gradient_image(480, 360).save(jpeg, quality=95)
+    rng = np.random.default_rng(0)
+    boxes = [decode._inception_crop_box(480, 360, rng) for _ in range(5)]
+    assert all(decode._reduction(w, h, 16) >= 2 for _, _, w, h in boxes)
+    record = stream._Record("photo", 0, jpeg.read_bytes())
+    for seed in range(5):
+        got = decode.random_resized_crop(record, 16, np.random.default_rng(seed), "opencv")
+        assert np.abs(got.astype(int) - _reference_crop(jpeg, 16, seed).astype(int)).mean() < 4
+
+
+def test_opencv_decoder_leaves_other_files_to_pil_and_names_broken_ones(tmp_path):
+    png = tmp_path / "a.png"
+    _gradient_image(40, 30).save(png)
+    record = stream._Record(str(png), 0, None)
+    for seed in range(3):
+        np.testing.assert_array_equal(
+            decode.random_resized_crop(record, 8, np.random.default_rng(seed), "opencv"),
+            decode.random_resized_crop(record, 8, np.random.default_rng(seed), "pil"),
+        )
+    broken = tmp_path / "broken.jpg"
+    _gradient_image(40, 30).save(broken, quality=90)
+    broken.write_bytes(broken.read_bytes()[:300])
+    with pytest.raises(DatasetError, match="broken.jpg"):
+        decode.random_resized_crop(
+            stream._Record(str(broken), 0, None), 8, np.random.default_rng(0), "opencv"
+        )
+
+
+def test_pil_decoder_batches_equal_the_previous_pipeline(folder, reference):
+    """Decoding whole batches (this change) gives the per-record pipeline's exact pixels."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import input_benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    split, _ = reference
+    before = input_benchmark.before_batches(split, 4, SIZE, 0)
+    now = stream.train_batches(
+        split, **train_args(augment="random_resized_crop", crop_padding=0), decoder="pil"
+    )
+    # 12 steps: past the end of the first epoch (11 steps), into the reshuffled second.
+    assert_same_batches(take(now, 12), take(before, 12))
+    before.close()
+    now.close()

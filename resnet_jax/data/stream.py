@@ -12,8 +12,9 @@ it is a function of that position:
 - epoch e = s // steps_per_epoch visits this process's shard in grain's index
   shuffle seeded from (seed, process_index) and e, and keeps its first
   steps_per_epoch * B examples (the remainder of the shard is dropped);
-- the random crop and flip of an example come from grain's per-record generator
-  (`random_map`), seeded from (seed, process_index) and the example's position.
+- the random crop and flip of an example come from a Philox generator keyed by
+  (seed, process_index) at a counter set by the example's position (as grain's
+  `random_map` seeds it, so runs made with it keep their crops).
 
 So a run that starts (or resumes) at step k gets exactly the batches an
 uninterrupted run gets from step k on, with any number of worker processes; and
@@ -247,18 +248,42 @@ def _open_tfds(
 # One record, decoded (data.decode) and, for training, cropped and flipped.
 
 
+def _example_rng(seed: int) -> np.random.Generator:
+    """A Philox generator keyed by `seed`; `_at` moves it to one example's stream."""
+    return np.random.Generator(np.random.Philox(seed))
+
+
+def _at(rng: np.random.Generator, position: int) -> np.random.Generator:
+    """`rng` reset to the stream of the example at `position`: counter (0, 0, 0, position).
+
+    The key comes from the seed, the counter from the position, so each example's draws
+    depend on nothing else: grain's `random_map` derives them the same way, and the crops
+    of runs made with it are unchanged.
+    """
+    state = rng.bit_generator.state
+    state["state"]["counter"] = np.array([0, 0, 0, position], dtype=np.uint64)
+    state["buffer"] = np.zeros(4, dtype=np.uint64)
+    state["buffer_pos"] = 4
+    state["has_uint32"] = 0
+    state["uinteger"] = 0
+    rng.bit_generator.state = state
+    return rng
+
+
 @dataclasses.dataclass(frozen=True)
-class _TrainDecode(grain.transforms.RandomMap):
+class _TrainDecode:
     """Decode with the crop of `augment` (see `train_batches`), then a random horizontal flip."""
 
     image_size: int
     augment: str
     crop_padding: int
     random_flip: bool
+    decoder: str = "opencv"
 
-    def random_map(self, record: _Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(self, record: _Record, rng: np.random.Generator, out: np.ndarray) -> None:
+        """Writes the record's training image into `out` (uint8 [size, size, 3])."""
         if self.augment == "random_resized_crop":
-            image = decode.random_resized_crop(record, self.image_size, rng)
+            image = decode.random_resized_crop(record, self.image_size, rng, self.decoder)
         else:
             # crop_flip: resize, then a random crop of the zero-padded image.
             image = decode.read_record(record, self.image_size, 0)
@@ -268,8 +293,35 @@ class _TrainDecode(grain.transforms.RandomMap):
                 top, left = (int(v) for v in rng.integers(0, 2 * p + 1, size=2))
                 image = padded[top : top + self.image_size, left : left + self.image_size]
         if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image), "label": np.int32(record.label)}
+            decode.flip(image, out)
+        else:
+            out[...] = image
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatch(grain.transforms.Map):
+    """Train batch number `step` of this process, decoded into one preallocated array.
+
+    Example j of it is position step * batch + j of `examples` (the endless shuffled
+    sequence of records), cropped and flipped with the draws of `_at(position)`.
+    """
+
+    examples: grain.MapDataset
+    batch: int
+    crop_seed: int
+    decode_one: _TrainDecode
+
+    def map(self, step: int) -> dict[str, np.ndarray]:
+        size = self.decode_one.image_size
+        images = np.empty((self.batch, size, size, 3), np.uint8)
+        labels = np.empty((self.batch,), np.int32)
+        rng = _example_rng(self.crop_seed)
+        first = step * self.batch
+        for j in range(self.batch):
+            record = self.examples[first + j]
+            self.decode_one(record, _at(rng, first + j), images[j])
+            labels[j] = record.label
+        return {"image": images, "label": labels}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +476,7 @@ def train_batches(
     crop_padding: int,
     random_flip: bool,
     num_workers: int,
+    decoder: str = "opencv",
 ) -> TrainIterator:
     """This process's train batches forever, from global step `start_step` on.
 
@@ -440,6 +493,8 @@ def train_batches(
       random_flip: Whether to flip horizontally with probability 1/2.
       num_workers: 0 decodes in this process (with two threads); N > 0 in N grain
         worker processes.
+      decoder: What decodes and resizes random_resized_crop's JPEGs: "opencv" or "pil"
+        (see `data.decode`).
 
     Returns:
       An endless iterator of {"image": uint8 [B, image_size, image_size, 3] (not
@@ -454,20 +509,28 @@ def train_batches(
     assert seed >= 0 and start_step >= 0 and image_size > 0, (seed, start_step, image_size)
     assert augment in ("crop_flip", "random_resized_crop"), augment
     assert crop_padding >= 0 and num_workers >= 0, (crop_padding, num_workers)
+    assert decoder in decode.DECODERS, decoder
     batch = per_process_batch_size
     steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
-    transform = _TrainDecode(image_size, augment, crop_padding, random_flip)
     # Position p of the endless sequence is example p % (steps * B) of epoch
     # p // (steps * B): grain's shuffle reseeds each epoch (seed + epoch) and the slice
-    # keeps each epoch's first steps * B examples.
+    # keeps each epoch's first steps * B examples. Indexing it reads no file.
     examples = (
         grain.MapDataset.source(split.records)
         .shuffle(seed=_seed(seed, splits.SHUFFLE_TAG, split.process_index))
         .slice(slice(0, steps * batch))
         .repeat()
-        .random_map(transform, seed=_seed(seed, splits.CROP_FLIP_TAG, split.process_index))
     )
-    batches = examples.batch(batch, drop_remainder=True)
+    # Batch s decodes positions s*B .. s*B+B-1 straight into its arrays (one copy per
+    # image, no per-record grain elements to stack).
+    batches = grain.MapDataset.range(len(examples) // batch).map(
+        _TrainBatch(
+            examples,
+            batch,
+            _seed(seed, splits.CROP_FLIP_TAG, split.process_index),
+            _TrainDecode(image_size, augment, crop_padding, random_flip, decoder),
+        )
+    )
     data_settings = {
         "seed": seed,
         "per_process_batch_size": batch,
@@ -573,6 +636,7 @@ class StreamInput(interface.Input):
             crop_padding=config.crop_padding,
             random_flip=config.random_flip,
             num_workers=num_workers(config),
+            decoder=config.stream_decoder,
         )
         return StreamTrainBatches(iterator, self.mesh)
 
