@@ -99,8 +99,10 @@ def _data_settings(
     augmentation = augment.Settings.from_config(config)
     extra = {"augmentation": dataclasses.asdict(augmentation)} if augmentation.active else {}
     if inputs.mode == "stream" and config.augment == "random_resized_crop":
-        # The decoder changes the pixels of the Inception crop (not the crop drawn).
-        extra["stream_decoder"] = config.stream_decoder
+        # The decoder changes the pixels of the Inception crop (not the crop drawn). PIL's
+        # pixels are those of the runs from before the setting, whose record lacks it.
+        if config.stream_decoder != "pil":
+            extra["stream_decoder"] = config.stream_decoder
     return {
         "dataset": config.dataset,
         "split": config.train_split,
