@@ -238,31 +238,38 @@ def write_folder(
     }
 
 
-def bench_stream(
-    root: pathlib.Path, size: int, workers: int, mesh: Any, decoder: str
-) -> dict[str, Any]:
-    from resnet_jax import defaults, sharding
+def _train_iterator(root: pathlib.Path, size: int, batch: int, workers: int, decoder: str) -> Any:
+    """The stream path's train iterator over the folder `root` (seed 0), as `decoder` makes it."""
+    from resnet_jax import defaults
     from resnet_jax.data import stream
 
     config = defaults.saved_config({"dataset": "image_folder", "data_dir": str(root)}, "bench")
     split = stream.open_split(config, "train")
+    if decoder == "before":
+        return before_batches(split, batch, size, workers)
+    augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
+    return stream.train_batches(
+        split,
+        per_process_batch_size=batch,
+        seed=0,
+        start_step=0,
+        image_size=size,
+        augment=augment,
+        crop_padding=_CROP_PADDING if augment == "crop_flip" else 0,
+        random_flip=True,
+        num_workers=workers,
+        decoder=decoder,
+    )
+
+
+def bench_stream(
+    root: pathlib.Path, size: int, workers: int, mesh: Any, decoder: str
+) -> dict[str, Any]:
+    from resnet_jax import sharding
+
     augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
     local = sharding.per_process_batch_size(FLAGS.batch_size, mesh)
-    if decoder == "before":
-        iterator = before_batches(split, local, size, workers)
-    else:
-        iterator = stream.train_batches(
-            split,
-            per_process_batch_size=local,
-            seed=0,
-            start_step=0,
-            image_size=size,
-            augment=augment,
-            crop_padding=_CROP_PADDING if augment == "crop_flip" else 0,
-            random_flip=True,
-            num_workers=workers,
-            decoder=decoder,
-        )
+    iterator = _train_iterator(root, size, local, workers, decoder)
     try:
         # Batch i comes from worker i % workers: two rounds have started every worker.
         rates = _timed(
@@ -346,8 +353,8 @@ def breakdown(root: pathlib.Path, size: int, jpegs: str, decoder: str, mesh: Any
     import numpy as np
     from PIL import Image, ImageOps
 
-    from resnet_jax import defaults, sharding
-    from resnet_jax.data import decode, stream
+    from resnet_jax import sharding
+    from resnet_jax.data import decode
 
     cv2.setNumThreads(1)
     paths = sorted((root / "train").glob("*/*.jpeg"))[: FLAGS.batch_size]
@@ -436,24 +443,7 @@ def breakdown(root: pathlib.Path, size: int, jpegs: str, decoder: str, mesh: Any
                     cv2.flip(image, 1)
 
     stages["flip"] = _cpu_ms(flip, count)
-    config = defaults.saved_config({"dataset": "image_folder", "data_dir": str(root)}, "bench")
-    split = stream.open_split(config, "train")
-    if decoder == "before":
-        pipeline = before_batches(split, count, size, 0)._batches
-    else:
-        iterator = stream.train_batches(
-            split,
-            per_process_batch_size=count,
-            seed=0,
-            start_step=0,
-            image_size=size,
-            augment="random_resized_crop",
-            crop_padding=0,
-            random_flip=True,
-            num_workers=0,
-            decoder=decoder,
-        )
-        pipeline = iterator._batches
+    pipeline = _train_iterator(root, size, count, 0, decoder)._batches
     total = _cpu_ms(lambda: pipeline[0], count)
     stages["grain and batching"] = max(0.0, total - sum(stages.values()))
     batch = pipeline[0]

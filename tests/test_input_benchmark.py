@@ -30,6 +30,7 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
             "--sizes=16,64",
             "--workers=0,1",
             "--decoders=before,opencv",
+            "--breakdown",
             "--batch_size=8",
             "--batches=2",
             "--repeats=1",
@@ -75,6 +76,23 @@ def test_input_benchmark_prints_a_table_and_json(tmp_path):
     assert rows["device", 64, None, None]["augment"] == "crop_flip"
     assert {r["files"] for r in data["rows"] if r["path"] == "stream"} == {"png", "generated"}
 
+    # One breakdown per decoder at the ImageNet size, with every stage timed.
+    assert [(b["image_size"], b["decoder"]) for b in data["breakdown"]] == [
+        (64, "before"),
+        (64, "opencv"),
+    ]
+    for b in data["breakdown"]:
+        stages = b["ms_per_image"]
+        assert list(stages) == [
+            "read and header",
+            "decode",
+            "crop and resize",
+            "flip",
+            "grain and batching",
+            "transfer",
+            "total",
+        ]
+        assert all(v >= 0 for v in stages.values()) and stages["decode"] > 0
     files = {f["image_size"]: f for f in data["files"]}
     assert (files[16]["jpegs"], files[64]["jpegs"]) == (None, "generated")
     assert (files[16]["format"], files[16]["width"], files[16]["height"]) == ("png", 16, 16)
