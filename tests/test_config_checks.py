@@ -131,3 +131,9 @@ def test_an_unused_bad_value_fails_the_command_in_one_line():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: num_epochs=-3.0 must be positive (it sets the length when num_train_steps is -1)."
     )
+
+
+def test_stream_decoders_are_the_decode_modules():
+    from resnet_jax.data import decode
+
+    assert config_checks.STREAM_DECODERS == decode.DECODERS == ("opencv", "pil")

@@ -278,7 +278,7 @@ class _TrainDecode:
     augment: str
     crop_padding: int
     random_flip: bool
-    decoder: str = "opencv"
+    decoder: str
 
     def __call__(self, record: _Record, rng: np.random.Generator, out: np.ndarray) -> None:
         """Writes the record's training image into `out` (uint8 [size, size, 3])."""
