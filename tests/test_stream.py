@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import grain
 import numpy as np
 import pytest
 from data_fixtures import (
@@ -131,6 +132,19 @@ def test_one_epoch_is_the_shard_minus_the_remainder(folder):
         assert len(seen) == 20 and len(set(seen)) == 20  # No repeats within an epoch.
         orders.append(seen)
     assert orders[0] != orders[1]  # Each epoch has its own shuffle.
+
+
+def test_order_is_grains_shuffle_slice_repeat():
+    """stream._Order computes the sequence grain's dataset chain gives (runs keep their order)."""
+    records = [f"record{i}" for i in range(23)]
+    order = stream._Order(records, kept=20, seed=12345)
+    grains = grain.MapDataset.source(records).shuffle(seed=12345).slice(slice(0, 20)).repeat()
+    positions = range(3 * 20 + 7)  # three epochs and a bit
+    assert [order[p] for p in positions] == [grains[p] for p in positions]
+    # Each epoch: 20 distinct records of the 23, in a shuffle of its own.
+    epochs = [[order[e * 20 + i] for i in range(20)] for e in range(3)]
+    assert all(len(set(epoch)) == 20 for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(folder, reference):

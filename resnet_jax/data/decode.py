@@ -8,7 +8,7 @@
   "opencv" (the default; OpenCV's libjpeg-turbo and a bilinear resize without
   antialiasing, as TensorFlow's and big_vision's Inception crops resize) or "pil"
   (PIL's antialiased bilinear resize, as torchvision's; about half the speed).
-- `flip`: the horizontal flip of training, in one fast copy.
+- `flip`: the horizontal flip of training, in place.
 
 Any mode (L, RGBA, P, CMYK, 16-bit, ...) becomes RGB after the EXIF rotation, and an
 image that cannot be decoded raises a `DatasetError` naming the file or the record.
@@ -181,7 +181,11 @@ def _inception_crop_box(
 
 
 def random_resized_crop(
-    record: Encoded, image_size: int, rng: np.random.Generator, decoder: str = "pil"
+    record: Encoded,
+    image_size: int,
+    rng: np.random.Generator,
+    decoder: str = "pil",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decodes the Inception crop of the record's image, resized to image_size squared.
 
@@ -197,7 +201,13 @@ def random_resized_crop(
       image_size: Side of the square result.
       rng: Draws the crop.
       decoder: "opencv" or "pil" (`DECODERS`).
+      out: Where to write the result (uint8 [image_size, image_size, 3]); None: a new array.
+
+    Returns:
+      The crop, uint8 [image_size, image_size, 3] (`out` if given).
     """
+    if out is None:
+        out = np.empty((image_size, image_size, 3), np.uint8)
     try:
         data = record.data
         if data is None:
@@ -210,8 +220,9 @@ def random_resized_crop(
             width, height = (stored_height, stored_width) if swap else (stored_width, stored_height)
             box = _inception_crop_box(width, height, rng)
             if decoder == "opencv" and image.format == "JPEG" and image.mode in _OPENCV_MODES:
-                return _opencv_crop(data, box, image_size, (stored_width, orientation))
-            return _pil_crop(image, box, image_size, (width, height), swap)
+                return _opencv_crop(data, box, (stored_width, orientation), out)
+            out[...] = _pil_crop(image, box, image_size, (width, height), swap)
+            return out
     except _DECODE_ERRORS as e:
         raise _undecodable(record, e) from e
 
@@ -259,9 +270,10 @@ def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _opencv_crop(
-    data: bytes, box: tuple[int, int, int, int], image_size: int, stored: tuple[int, int]
+    data: bytes, box: tuple[int, int, int, int], stored: tuple[int, int], out: np.ndarray
 ) -> np.ndarray:
     cv2 = _cv2()
+    image_size = out.shape[0]
     left, top, crop_width, crop_height = box
     stored_width, orientation = stored
     factor = _reduction(crop_width, crop_height, image_size)
@@ -279,12 +291,12 @@ def _opencv_crop(
     crop = pixels[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)]
     if orientation != 1:
         crop = np.ascontiguousarray(crop)  # OpenCV takes no negative strides.
-    return cv2.resize(crop, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(crop, (image_size, image_size), dst=out, interpolation=cv2.INTER_LINEAR)
 
 
-def flip(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The image [H, W, 3] mirrored left to right, into `out` if given (else a new array).
+def flip(image: np.ndarray) -> np.ndarray:
+    """Mirrors the (contiguous) image [H, W, 3] left to right, in place; returns it.
 
     OpenCV's flip: a tenth of the time of numpy's copy of a reversed view.
     """
-    return _cv2().flip(np.ascontiguousarray(image), 1, dst=out)
+    return _cv2().flip(image, 1, dst=image)
