@@ -163,8 +163,9 @@ class Repeated(Sequence):
         return self.length
 
     def __getitem__(self, index: int) -> Any:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} is not in [0, {self.length}).")
+        from resnet_jax.data import stream
+
+        stream._check_index(index, self.length)
         return self.files[index % len(self.files)]
 
 

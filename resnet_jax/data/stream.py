@@ -305,8 +305,8 @@ class _Order:
     Position p is example p % kept of epoch e = p // kept: the epoch visits the shard
     in grain's index shuffle seeded with (seed + e) and keeps its first `kept` records.
     This is what grain's `MapDataset.source(records).shuffle(seed).slice(slice(0, kept))
-    .repeat()` yields, computed without its per-element bookkeeping (a tenth of an
-    image's time at 224 px); a test holds the two equal.
+    .repeat()` yields, computed without its per-element statistics and index arithmetic
+    (about 0.02 ms a record in a micro-benchmark here); a test holds the two equal.
     """
 
     records: Sequence
