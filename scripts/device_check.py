@@ -25,6 +25,11 @@ check ends within --budget_s (plus a second or two of writing):
   launches and latency rather than arithmetic, and the trace shows where it goes;
 - resnet50: ResNet-50 at 224 px, bfloat16, 1000 classes (configs/resnet50_imagenet.py)
   at batch 256;
+- stream: the streaming input at 224 px (scripts/input_benchmark.py: ImageNet-like
+  500x375 JPEGs, random-resized crop and flip, OpenCV) with one grain worker per host
+  core, at ResNet-50's batch: images/s and per CPU-second, and the ratio to the resnet50
+  row's step, so a host shows whether its cores keep up with its chip (with --tiny: 64 px,
+  two workers);
 - input: the device-resident training input (crop + flip drawn on the device) at 32 px;
 - main: `python -m resnet_jax.main --config configs/resnet18.py` (bfloat16, the largest
   batch) on a generated CIFAR-shaped image folder for two epochs: time to the first step
@@ -36,8 +41,10 @@ check ends within --budget_s (plus a second or two of writing):
 Time on one H200, estimated from a run of 234 s for seven rows at batches 512 and 1024
 (issue 38): 25 to 33 s per step row (a process start, two compilations, the timing), 60
 to 90 s for resnet50 (ResNet-50's convolutions autotuned), 60 s for main and for
-torch.compile, 15 to 20 s for input and torch: 440 to 520 s for the 13 rows. The 480 s budget stops it: the rows that may not fit are the last,
-torch.compile's (measured already, docs/benchmarks.md), and the new ones come early.
+torch.compile, 15 to 20 s for input and torch: 440 to 520 s for the 13 rows, plus the
+stream row (not yet timed on a GPU host: writing 256 JPEGs, starting one worker per core,
+two timed rounds; its limit is 120 s). The 480 s budget stops it: the rows that may not
+fit are the last, torch.compile's (measured already, docs/benchmarks.md).
 
 Writes OUT/device_check.json (every row, with its status and the machine) and
 OUT/device_check.md, after every part, so a check cut short keeps what it measured; the
@@ -79,6 +86,7 @@ LIMITS = {
     "deterministic": 75,
     "resnet20": 75,
     "resnet50": 150,
+    "stream": 120,
     "input": 45,
     "main": 150,
     "torch": 90,
@@ -86,6 +94,8 @@ LIMITS = {
 # What is measured at full size and with --tiny.
 FULL = {"batches": (128, 512, 1024), "steps": 20, "repeats": 3, "main_images": 8192}
 TINY = {"batches": (8,), "steps": 2, "repeats": 1, "main_images": 64}
+# The stream row: input_benchmark's files and image size, at full size and with --tiny.
+STREAM = {"full": {"px": 224, "files": 256}, "tiny": {"px": 64, "files": 16, "workers": 2}}
 # The nets of the rows at full size: (config, its argument, classes, batch, dtype).
 NETS = {
     "resnet18": ("resnet18", None, 100, None, None),
@@ -243,6 +253,53 @@ def run_part(part: str, settings: dict[str, Any], limit: float) -> dict[str, Any
     return row
 
 
+def run_stream_part(settings: dict[str, Any], limit: float) -> dict[str, Any]:
+    """The streaming input at ImageNet size on every host core, by scripts/input_benchmark.py."""
+    sizes = STREAM["tiny" if settings["tiny"] else "full"]
+    workers = sizes.get("workers", len(os.sched_getaffinity(0)))
+    batch = settings["batch_size"]
+    command = [
+        sys.executable,
+        str(_CHECKOUT / "scripts" / "input_benchmark.py"),
+        f"--sizes={sizes['px']}",
+        f"--workers={workers}",
+        "--decoders=opencv",
+        "--jpegs=imagenet",
+        f"--num_files={max(sizes['files'], batch)}",
+        f"--batch_size={batch}",
+        # Each window covers two rounds of the workers (a worker makes whole batches).
+        f"--batches={2 * workers}",
+        f"--repeats={settings['repeats']}",
+    ]
+    status, output, seconds = timing.run_limited(command, dict(os.environ), limit)
+    row = {"part": "stream", **settings, "status": status, "seconds": round(seconds, 1)}
+    found = [line for line in output.splitlines() if line.startswith("{")]
+    if status == "ok" and found:
+        result = json.loads(found[-1])
+        (stream,) = [r for r in result["rows"] if r["path"] == "stream"]
+        (files,) = result["files"]
+        row.update(
+            image_size=stream["image_size"],
+            workers=workers,
+            decoder=stream["decoder"],
+            input_img_per_s=stream["img_per_s"],
+            input_img_per_cpu_s=stream["img_per_cpu_s"],
+            cores_busy=stream["cores_busy"],
+            files=f"{files['width']}x{files['height']} JPEGs, {files['mean_bytes'] / 1e3:.0f} KB",
+        )
+    elif status != "ok" and "timed out" not in status:
+        row["note"] = _last_line(output)
+    return row
+
+
+def feeds(rows: list[dict[str, Any]]) -> float | None:
+    """The stream row's images/s over the resnet50 row's step (> 1: the host keeps up)."""
+    rates = {row["part"]: row.get("input_img_per_s", row.get("train_img_per_s")) for row in rows}
+    if rates.get("stream") and rates.get("resnet50"):
+        return rates["stream"] / rates["resnet50"]
+    return None
+
+
 def run_main_part(settings: dict[str, Any], limit: float) -> dict[str, Any]:
     """Two epochs of `python -m resnet_jax.main` on a generated folder of CIFAR-shaped noise."""
     start = time.perf_counter()
@@ -344,6 +401,15 @@ def markdown(check: dict[str, Any]) -> str:
         extra = []
         if row.get("eval_img_per_s"):
             extra.append(f"eval {_fmt(row['eval_img_per_s'])} images/s")
+        if row.get("workers"):
+            extra.append(
+                f"{row['workers']} workers, {_fmt(row['input_img_per_cpu_s'])} images per "
+                f"CPU-second, {row['cores_busy']:.1f} cores busy, {row['files']}"
+            )
+        if row.get("feeds_resnet50"):
+            ratio = row["feeds_resnet50"]
+            keeps = "keeps up with" if ratio >= 1 else "falls short of"
+            extra.append(f"{keeps} the resnet50 step: {ratio:.2f}x its images/s")
         if row.get("cifar_epoch_s"):
             extra.append(f"{_fmt(row['cifar_epoch_s'])} s per 50k-image epoch")
         if row.get("trace_note"):
@@ -414,6 +480,8 @@ def plan(sizes: dict[str, Any], out: pathlib.Path) -> list[tuple[str, dict[str, 
         if net == "resnet20":
             settings["trace"] = str(out / "profile_resnet20")
         rows.append((net, settings))
+    stream_batch = sizes["batches"][0] if FLAGS.tiny else NETS["resnet50"][3]
+    rows.append(("stream", {**base, "batch_size": stream_batch}))
     rows.append(("input", {**base, "batch_size": largest}))
     rows.append(("main", {**headline, "main_images": sizes["main_images"]}))
     for compiled in (False, True) if FLAGS.torch_compile else (False,):
@@ -437,6 +505,9 @@ def check() -> dict[str, Any]:
             row = {"part": part, **settings, "status": "skipped: the budget is spent"}
         elif part == "main":
             row = run_main_part(settings, min(limits[part], left))
+        elif part == "stream":
+            row = run_stream_part(settings, min(limits[part], left))
+            row["feeds_resnet50"] = feeds([*result["rows"], row])
         else:
             row = run_part(part, settings, min(limits[part], left))
         result["rows"].append(row)

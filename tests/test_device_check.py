@@ -52,6 +52,7 @@ def test_every_part_measures_and_an_overrunning_part_is_cut_off(tmp_path):
         ("deterministic", "bfloat16"),
         ("resnet20", "float32"),
         ("resnet50", "bfloat16"),
+        ("stream", None),
         ("input", None),
         ("main", "bfloat16"),
         ("torch", "bfloat16"),
@@ -82,6 +83,15 @@ def test_every_part_measures_and_an_overrunning_part_is_cut_off(tmp_path):
         "profile_resnet20.trace.json.gz",
         "profile_resnet20.xplane.pb",
     ]
+    # The streaming input on every host core (--tiny: two workers, 64 px), by input_benchmark,
+    # against the resnet50 row's step.
+    stream = rows[("stream", None)]
+    assert stream["status"] == "ok", stream
+    assert (stream["workers"], stream["image_size"], stream["decoder"]) == (2, 64, "opencv")
+    assert stream["files"] == "143x107 JPEGs, 11 KB"
+    assert stream["input_img_per_s"] > 0 and stream["input_img_per_cpu_s"] > 0
+    resnet50 = rows[("resnet50", "bfloat16")]["train_img_per_s"]
+    assert stream["feeds_resnet50"] == stream["input_img_per_s"] / resnet50
     # The input part cannot even start its interpreter in 1 s: killed, and the check went on.
     assert rows[("input", None)]["status"] == "timed out after 1 s"
     assert rows[("input", None)]["seconds"] < 5
@@ -100,6 +110,8 @@ def test_every_part_measures_and_an_overrunning_part_is_cut_off(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(rows)
     assert "| input | - | 8 | - | - | - | - | - | - | - | - | - | timed out after 1 s |" in table
     assert "| resnet20 | resnet8 | 8 | 16 | float32 | " in table
+    assert "| stream | - | 8 | 64 | - | " in table and "(2 workers, " in table
+    assert f"the resnet50 step: {stream['feeds_resnet50']:.2f}x its images/s" in table
     assert f"FLOPs: {timing.FLOP_COUNT};" in table and "Peak: unknown for this device." in table
     assert "Traces, beside this table: profile_resnet18.* (3 steps of resnet8, " in table
 
