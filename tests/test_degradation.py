@@ -124,6 +124,14 @@ def test_finished_means_the_same_config(tmp_path):
     assert runner.is_finished(tmp_path, config)
     config.num_train_steps += 1
     assert not runner.is_finished(tmp_path, config)
+    # A run recorded before a key existed: finished if the key is at its default now.
+    config.num_train_steps -= 1
+    recorded = config.to_dict()
+    del recorded["stream_decoder"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert runner.is_finished(tmp_path, config)
+    config.stream_decoder = "pil"
+    assert not runner.is_finished(tmp_path, config)
 
 
 def test_bad_flags_are_one_line(tmp_path):

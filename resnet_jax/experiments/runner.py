@@ -23,12 +23,20 @@ class ExperimentError(Exception):
 
 
 def is_finished(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-    """True if `workdir` holds a run of exactly `config` that trained to its end."""
+    """True if `workdir` holds a run of exactly `config` that trained to its end.
+
+    The run's config.json is read over today's defaults (`defaults.saved_config`), so a
+    run recorded before a key existed counts as finished when `config` has that key's
+    default.
+    """
+    from resnet_jax import defaults
+
     results, saved = workdir / "eval_results.json", workdir / "config.json"
     if not (results.is_file() and saved.is_file()):
         return False
-    # Compared as JSON, the form in which training wrote it (tuples become lists).
-    return json.loads(saved.read_text()) == json.loads(json.dumps(config.to_dict()))
+    recorded = defaults.saved_config(json.loads(saved.read_text()), str(saved))
+    # Compared as JSON, the form in which training writes it (tuples become lists).
+    return json.loads(json.dumps(recorded.to_dict())) == json.loads(json.dumps(config.to_dict()))
 
 
 def train_runs(runs: dict[str, ml_collections.ConfigDict], root: pathlib.Path) -> None:
