@@ -8,7 +8,7 @@
 # stopped at any point and started again. Needs the image folder data/fashion_mnist
 # (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
 # to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
-# figure 6 at 6,000 iterations and 10 for the three 100-epoch runs.
+# figure 6 at 6,000 iterations, 6 for the warm-up runs and 10 for the three 100-epoch runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -68,10 +68,20 @@ python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:d
   --workdir "$runs/degradation_fmnist_zi" --depths 20,56 --kinds resnet \
   --config.model.zero_init_residual=True
 # The paper's remedy for a deep net's start (its ResNet-110 begins at lr 0.01): a linear
-# warm-up over the first 400 iterations, both ResNets, the 3,000-iteration recipe.
+# warm-up over the first 400 iterations, all four nets, the 3,000-iteration recipe (the
+# story figure: both panels in the paper's direction), figure 7 and the gradient norms
+# from their checkpoints; then the ResNets again with seed 1.
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
-  --workdir "$runs/degradation_fmnist_warmup" --depths 20,56 --kinds resnet \
-  --config.warmup_epochs=5.12
+  --workdir "$runs/degradation_fmnist_warmup" --depths 20,56 --config.warmup_epochs=5.12
+python -m resnet_jax.experiments.layer_responses --workdir "$runs/degradation_fmnist_warmup" \
+  --runs plain20,plain56,resnet20,resnet56
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
+  --workdir "$runs/degradation_fmnist_warmup_seed1" --depths 20,56 --kinds resnet \
+  --config.warmup_epochs=5.12 --config.seed=1
+# ResNet-110 with the same warm-up, beside the four (about 3x ResNet-56's time: 3-4 hours
+# on 2 cores); --depths 20,56,110 then draws the figure with it.
+train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist_warmup/resnet110" \
+  --config.model.name=resnet110 --config.warmup_epochs=5.12
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
