@@ -18,7 +18,8 @@ processes agreeing on every decision.
 
 The input pipeline is a pure function of (data settings, step), so the step and the
 data settings (`run_meta["data"]`, compared in `resume`) are the whole state of the data
-order and augmentation randomness. The format also keeps `meta["rng"]` (seed and step,
+order and augmentation randomness, whatever the topology (`run_meta["topology"]`): a
+run resumes on another number of processes or devices on the same batches. The format also keeps `meta["rng"]` (seed and step,
 never read) and, in the iterator's file, the few settings its own `set_state` checks.
 """
 
@@ -496,6 +497,27 @@ def restore_for_resume(
     return state, None
 
 
+def _global_data_record(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's data record in today's form, where its batches are today's.
+
+    Before the order became global the record held the process count and the batch of
+    one process. A single process's batches were already the global ones: its record
+    becomes today's. A record of several processes stays as it was (other batches).
+    """
+    if data.get("process_count") != 1 or "global_batch_size" in data:
+        return data
+    old = ("process_count", "per_process_batch_size")
+    return {
+        **{k: v for k, v in data.items() if k not in old},
+        "global_batch_size": data.get("per_process_batch_size"),
+    }
+
+
+def _topology(topology: dict[str, Any]) -> str:
+    processes, devices = topology.get("processes"), topology.get("devices")
+    return f"{processes} process{'es' if processes != 1 else ''}, {devices} devices"
+
+
 def _changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
     """`key old -> new` for each setting that differs (nested ones as `outer.key`)."""
     changes = []
@@ -564,7 +586,9 @@ def resume(
     2. otherwise `state` as given, the fresh initialisation.
     A restored step with a learning-rate schedule other than `run_meta["schedule"]` is
     refused (the rate would jump) unless `config.allow_schedule_change`; one with data
-    settings other than `run_meta["data"]` continues with a warning, on other batches.
+    settings other than `run_meta["data"]` continues with a warning, on other batches; one
+    saved on another topology (`run_meta["topology"]`) continues the same batches, with
+    an info line.
 
     Returns:
       (state, whether a step saved with this run's data settings was restored: then the
@@ -589,22 +613,47 @@ def resume(
             meta["step"],
             ", ".join(_changes(saved, now)),
         )
-    same_data = meta.get("data") == run_meta["data"]
+    saved_data = _global_data_record(meta.get("data") or {})
+    same_data = saved_data == run_meta["data"]
     if "imported" in meta and meta["step"] == 0:
         logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
+    elif saved_data.get("process_count", 1) != 1 and "global_batch_size" not in saved_data:
+        logging.warning(
+            "The checkpoint at step %d was written by %d processes before the data order "
+            "became global (the same on any number of processes): training continues, but "
+            "not with the batches an uninterrupted run of that version would have seen.",
+            meta["step"],
+            saved_data["process_count"],
+        )
     elif not same_data:
         logging.warning(
             "The input settings differ from those of the checkpoint at step %d (%s): "
             "training continues, but not with the batches an uninterrupted run would see.",
             meta["step"],
-            ", ".join(_changes(meta.get("data") or {}, run_meta["data"])),
+            ", ".join(_changes(saved_data, run_meta["data"])),
+        )
+    elif "topology" in meta and meta["topology"] != run_meta.get("topology", meta["topology"]):
+        logging.info(
+            "Resuming step %d, saved by %s, on %s: the data order is unaffected (it "
+            "depends on the seed, the step and the global batch only).",
+            meta["step"],
+            _topology(meta["topology"]),
+            _topology(run_meta["topology"]),
         )
     return state, same_data
 
 
 def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator: Any) -> bool:
-    """Sets `iterator` to the input state saved with `step`; False if the step has none."""
-    if not (epath.Path(manager.directory) / str(step) / DATA_ITERATOR).exists():
+    """Sets `iterator` to the input state saved with `step`; False if the step has none.
+
+    Also False when the step was saved on another number of processes (grain keeps one
+    file per process, named by their count): the iterator's state is the next step and
+    the data settings, which the caller already has (the checkpoint's step, the data
+    record `resume` compared), so the iterator started at the step is the same.
+    """
+    folder = epath.Path(manager.directory) / str(step) / DATA_ITERATOR
+    mine = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not mine.exists():
         return False
     manager.restore(
         step,

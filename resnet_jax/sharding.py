@@ -57,6 +57,25 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, name: str = "batc
     return global_batch_size // num_devices * local_devices
 
 
+def process_rows(mesh: Mesh, per_process_batch_size: int) -> tuple[int, tuple[int, ...]]:
+    """(global batch size, this process's rows of a global batch, in `global_batch`'s order).
+
+    The rows of the devices of this process along "data", ascending: where
+    `global_batch` puts the process's local rows, one after the other. With the devices
+    of each process next to each other in the mesh (jax.devices()'s order), process p of
+    P holds rows [p * B, (p + 1) * B) of a global batch of P * B.
+    """
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    # per_process_batch_size gives each device the same share; below that, asserted.
+    assert local and per_process_batch_size % local == 0, (per_process_batch_size, local)
+    size = per_process_batch_size * mesh.devices.size // local
+    spans = batch_sharding(mesh).addressable_devices_indices_map((size,)).values()
+    starts = sorted({(span[0].start or 0, span[0].stop or size) for span in spans})
+    rows = tuple(row for start, stop in starts for row in range(start, stop))
+    assert len(rows) == per_process_batch_size, (rows, per_process_batch_size)
+    return size, rows
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each process's part of the batch into global arrays sharded on "data"."""
     sharding = batch_sharding(mesh)

@@ -86,10 +86,12 @@ class _StopRequest:
 def _data_settings(
     config: ml_collections.ConfigDict,
     inputs: data.Input,
-    per_process_batch_size: int,
     steps_per_epoch: int,
 ) -> dict[str, Any]:
     """What decides the order and content of the training batches (besides the step).
+
+    Not the topology: the batches are the same on any number of processes and devices
+    (the run's "topology" record says which it ran on).
 
     The run's one record of its data settings: saved with each step as "data" and
     compared on resume by `checkpointing.resume`. The train step's augmentations are
@@ -110,8 +112,7 @@ def _data_settings(
         "image_size": config.image_size,
         "augment": config.augment,
         "num_examples": inputs.train.num_examples,
-        "process_count": inputs.train.process_count,
-        "per_process_batch_size": per_process_batch_size,
+        "global_batch_size": config.batch_size,
         "steps_per_epoch": steps_per_epoch,
         "seed": config.seed,
         "crop_padding": config.crop_padding,
@@ -212,7 +213,7 @@ def _train_and_evaluate(
     logging.info("Opening %s's training and evaluation data ...", config.dataset)
     inputs = data.open_input(config, mesh)
     num_classes = config_checks.resolve_num_classes(config, inputs.train.num_classes)
-    steps_per_epoch = inputs.steps_per_epoch(local_batch)
+    steps_per_epoch = inputs.steps_per_epoch(config.batch_size)
     num_steps = config.num_train_steps
     if num_steps <= 0:
         num_steps = max(1, int(config.num_epochs * steps_per_epoch))
@@ -225,7 +226,9 @@ def _train_and_evaluate(
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     # What each checkpoint's metadata records about the run besides its config.
     run_meta = {
-        "data": _data_settings(config, inputs, local_batch, steps_per_epoch),
+        "data": _data_settings(config, inputs, steps_per_epoch),
+        # Where it ran: a resume on another topology continues the same batches.
+        "topology": {"processes": jax.process_count(), "devices": mesh.devices.size},
         "schedule": steps.schedule_settings(config, steps_per_epoch, num_steps),
         # For predict: what each output means and how an image file becomes an input.
         "class_names": list(inputs.class_names),

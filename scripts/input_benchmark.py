@@ -192,15 +192,15 @@ def before_batches(split: Any, batch: int, image_size: int, workers: int) -> Any
 
     from resnet_jax.data import splits, stream
 
-    steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
+    steps = splits.steps_per_epoch(split.num_examples, batch)
     batches = (
         grain.MapDataset.source(split.records)
-        .shuffle(seed=stream._seed(0, splits.SHUFFLE_TAG, split.process_index))
+        .shuffle(seed=stream._seed(0, splits.SHUFFLE_TAG))
         .slice(slice(0, steps * batch))
         .repeat()
         .random_map(
             BeforeDecode(image_size),
-            seed=stream._seed(0, splits.CROP_FLIP_TAG, split.process_index),
+            seed=stream._seed(0, splits.CROP_FLIP_TAG),
         )
         .batch(batch, drop_remainder=True)
     )

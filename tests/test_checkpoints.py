@@ -470,7 +470,8 @@ def test_a_checkpoint_holds_what_resuming_needs(reference_run):
     assert meta["step"] == STEPS
     assert meta["config"]["model"]["name"] == "resnet8"
     assert meta["rng"] == {"seed": 0, "step": STEPS}
-    assert meta["data"]["steps_per_epoch"] == 6 and meta["data"]["per_process_batch_size"] == 32
+    assert meta["data"]["steps_per_epoch"] == 6 and meta["data"]["global_batch_size"] == 32
+    assert meta["topology"] == {"processes": 1, "devices": 4}
     assert meta["schedule"] == {
         "lr_schedule": "cosine",
         "learning_rate": 0.1,
@@ -549,7 +550,7 @@ def test_an_allowed_resume_warns_naming_only_what_changed(epoch_run, caplog):
     halved = config.copy_and_resolve_references()
     halved.batch_size, halved.allow_schedule_change = 16, True
     run_meta = {
-        "data": {**meta["data"], "per_process_batch_size": 16, "steps_per_epoch": 12},
+        "data": {**meta["data"], "global_batch_size": 16, "steps_per_epoch": 12},
         "schedule": {**meta["schedule"], "num_train_steps": 12},
     }
     state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
@@ -559,7 +560,7 @@ def test_an_allowed_resume_warns_naming_only_what_changed(epoch_run, caplog):
     assert [r.getMessage() for r in caplog.records if r.pathname == checkpointing.__file__] == [
         "Continuing from step 6 on a changed learning-rate schedule (num_train_steps 6 -> 12).",
         "The input settings differ from those of the checkpoint at step 6 "
-        "(per_process_batch_size 32 -> 16, steps_per_epoch 6 -> 12): training continues, "
+        "(global_batch_size 32 -> 16, steps_per_epoch 6 -> 12): training continues, "
         "but not with the batches an uninterrupted run would see.",
     ]
     # No config key changed the schedule, the data did (twice the examples): it says so.
@@ -574,6 +575,43 @@ def test_an_allowed_resume_warns_naming_only_what_changed(epoch_run, caplog):
         r"steps_per_epoch 6 -> 12\)\. Resume with the run's data",
     ):
         checkpointing.resume(manager, state, grown, config)
+
+
+def test_a_resume_on_another_topology_or_from_an_older_record(epoch_run, caplog, monkeypatch):
+    """What `resume` says about the data order, from the checkpoint's records."""
+    workdir, config = epoch_run
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    meta = checkpointing.read_meta(manager, 6)
+    run_meta = {key: meta[key] for key in ("data", "schedule", "topology")}
+    state, _ = tiny_state(config, sharding.make_mesh(), num_classes=3)
+
+    def resumed_from(saved):
+        monkeypatch.setattr(checkpointing, "restore_for_resume", lambda _, s: (s, saved))
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _, same_data = checkpointing.resume(manager, state, run_meta, config)
+        lines = [r.getMessage() for r in caplog.records if r.pathname == checkpointing.__file__]
+        return same_data, lines
+
+    # Written by 2 processes of 2 devices: the same batches, and one info line.
+    same_data, lines = resumed_from({**meta, "topology": {"processes": 2, "devices": 4}})
+    assert same_data and lines == [
+        "Resuming step 6, saved by 2 processes, 4 devices, on 1 process, 4 devices: the data "
+        "order is unaffected (it depends on the seed, the step and the global batch only)."
+    ]
+    # One process's record from before the order became global: its batches are today's.
+    old = {k: v for k, v in meta["data"].items() if k != "global_batch_size"}
+    single = {**old, "process_count": 1, "per_process_batch_size": 32}
+    same_data, lines = resumed_from({**meta, "data": single})
+    assert same_data and lines == []
+    # Two processes' record from then: other batches, said in one line.
+    double = {**old, "process_count": 2, "per_process_batch_size": 16}
+    same_data, lines = resumed_from({**meta, "data": double})
+    assert not same_data and lines == [
+        "The checkpoint at step 6 was written by 2 processes before the data order became "
+        "global (the same on any number of processes): training continues, but not with the "
+        "batches an uninterrupted run of that version would have seen."
+    ]
 
 
 def test_eval_with_a_config_of_another_dataset_names_both_and_the_runs_own(epoch_run, toy_folder):

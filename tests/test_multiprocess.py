@@ -1,7 +1,7 @@
 """Two processes with two devices each train one model, as the workers of a pod slice do.
 
-jax.distributed over loopback with gloo collectives: each process reads its half of the
-data, the global batch spans both, Orbax saves collectively to one workdir, and the
+jax.distributed over loopback with gloo collectives: each process makes its rows of each
+global batch, the batch spans both, Orbax saves collectively to one workdir, and the
 checkpoint then evaluates in a single process on one device. A rerun after the latest
 step is damaged makes both processes agree on the step to resume from.
 

@@ -44,7 +44,7 @@ def make_config(root, **overrides):
 
 def train_args(**overrides):
     values = dict(
-        per_process_batch_size=4,
+        global_batch_size=4,
         seed=0,
         start_step=0,
         image_size=SIZE,
@@ -96,42 +96,68 @@ def reference(folder):
     return split, batches
 
 
-def test_one_epoch_is_the_shard_minus_the_remainder(folder):
-    # Process 1 of 2 holds examples [22, 45) of the fixed file shuffle: 23 files. An
-    # epoch has (45 // 2) // 5 = 4 steps of 5, so 3 of them sit out each epoch.
+def test_one_epoch_is_the_split_minus_the_remainder(folder):
+    # Evaluation opens each process's shard: process 1 of 2 holds examples [22, 45) of
+    # the fixed file shuffle, 23 files, the in-memory path's shard of the same process.
     config = make_config(folder, image_size=FILE_SIZE)
-    split = stream.open_split(config, "train", process_index=1, process_count=2)
-    assert (split.num_examples, split.num_classes) == (NUM_TRAIN, 3)
-    assert split.class_names == ("blue", "green", "red")
-    assert len(split.records) == 23
-    # The in-memory path's shard of the same process: same files, same labels.
-    in_memory = sources.load_split(config, "train", process_index=1, process_count=2)
+    shard = stream.open_split(config, "train", process_index=1, process_count=2)
+    assert (shard.num_examples, shard.num_classes, len(shard.records)) == (NUM_TRAIN, 3, 23)
+    whole = stream.open_split(config, "train", process_index=0, process_count=1)
+    assert [r.source for r in shard.records] == [whole.records[i].source for i in range(22, 45)]
+    in_memory_shard = sources.load_split(config, "train", process_index=1, process_count=2)
+    assert len(in_memory_shard.labels) == 23
+    # Training reads the whole split: 45 files, an epoch of 45 // 6 = 7 steps of 6, so 3
+    # files sit out each epoch.
+    split = whole
+    assert split.class_names == ("blue", "green", "red") and len(split.records) == NUM_TRAIN
+    in_memory = sources.load_split(config, "train", process_index=0, process_count=1)
     label_of = {
         img.tobytes(): int(label)
         for img, label in zip(in_memory.images, in_memory.labels, strict=True)
     }
-    assert len(label_of) == 23
+    assert len(label_of) == NUM_TRAIN
 
     # No crop, no flip, files at their own size: each batch image is a decoded file.
     iterator = stream.train_batches(
         split,
-        **train_args(per_process_batch_size=5, crop_padding=0, random_flip=False, image_size=12),
+        **train_args(global_batch_size=6, crop_padding=0, random_flip=False, image_size=12),
     )
-    epochs = [take(iterator, 4), take(iterator, 4)]
+    epochs = [take(iterator, 7), take(iterator, 7)]
     iterator.close()
     orders = []
     for batches in epochs:
         seen = []
         for batch in batches:
-            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (5, 12, 12, 3)
-            assert batch["label"].dtype == np.int32 and batch["label"].shape == (5,)
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (6, 12, 12, 3)
+            assert batch["label"].dtype == np.int32 and batch["label"].shape == (6,)
             for image, label in zip(batch["image"], batch["label"], strict=True):
                 assert label_of[image.tobytes()] == label
                 assert class_of_color(image, split.class_names) == label
                 seen.append(image.tobytes())
-        assert len(seen) == 20 and len(set(seen)) == 20  # No repeats within an epoch.
+        assert len(seen) == 42 and len(set(seen)) == 42  # No repeats within an epoch.
         orders.append(seen)
     assert orders[0] != orders[1]  # Each epoch has its own shuffle.
+
+
+def test_processes_take_their_rows_of_one_global_batch(folder, reference):
+    """Any split of the rows over processes gives the global batches of one process."""
+    split, batches = reference
+    parts = []
+    for rows in ((0, 1), (2, 3)):  # two processes, two rows each
+        iterator = stream.train_batches(split, **train_args(rows=rows, start_step=9))
+        parts.append(take(iterator, 4))
+        iterator.close()
+    for step, (first, second) in enumerate(zip(*parts, strict=True)):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([first[key], second[key]]), batches[9 + step][key]
+            )
+    iterator = stream.train_batches(split, **train_args(rows=(1, 3), num_workers=2))
+    (part,) = take(iterator, 1)
+    iterator.close()
+    np.testing.assert_array_equal(part["image"], batches[0]["image"][[1, 3]])
+    # The saved state names the global batch, not the rows: any topology restores it.
+    assert iterator.get_state() == {"next_step": 1, "seed": 0, "global_batch_size": 4}
 
 
 def test_order_is_grains_shuffle_slice_repeat():
@@ -149,7 +175,7 @@ def test_order_is_grains_shuffle_slice_repeat():
 
 def test_batches_are_a_pure_function_of_seed_and_step(folder, reference):
     split, batches = reference
-    steps = splits.steps_per_epoch(NUM_TRAIN, 1, 4)
+    steps = splits.steps_per_epoch(NUM_TRAIN, 4)
     assert steps == 11  # 45 // 4: one example sits out each epoch.
     # Started inside epoch 0, running into epoch 2.
     start = steps - 2
@@ -199,6 +225,16 @@ def test_state_restores_the_next_batches(folder, reference):
     other = stream.train_batches(split, **train_args(seed=5))
     with pytest.raises(DatasetError, match="seed: saved 0, now 5"):
         other.set_state(state)
+    # A single process's state from before the order became global: the same batches.
+    old = {"next_step": 7, "seed": 0, "per_process_batch_size": 4, "process_index": 0}
+    fresh = stream.train_batches(split, **train_args())
+    fresh.set_state({**old, "process_count": 1})
+    assert_same_batches(take(fresh, 1), batches[7:8])
+    fresh.close()
+    # One of two processes then: other batches, refused.
+    with pytest.raises(DatasetError, match="global_batch_size: saved None, now 4"):
+        other.set_state({**old, "process_count": 2})
+    other.close()
 
 
 def test_crop_flip_is_a_crop_of_the_padded_resized_file(folder, reference):
@@ -403,7 +439,7 @@ def test_tfds_array_record(cifar_array_record):
     }
     iterator = stream.train_batches(
         split,
-        **train_args(per_process_batch_size=8, image_size=32, crop_padding=0, random_flip=False),
+        **train_args(global_batch_size=8, image_size=32, crop_padding=0, random_flip=False),
     )
     epoch = take(iterator, 5)  # 40 / 8: the whole split, nothing dropped.
     iterator.close()
@@ -461,7 +497,7 @@ def test_tfds_array_record_trains_through_the_stream_path(cifar_array_record, tm
     assert results["num_examples"] == 13 and results["step"] == 10  # every test record once
     # The iterator's state went into the checkpoint through grain's Orbax handler.
     saved = json.loads((workdir / "checkpoints/10/data_iterator/process_0-of-1.json").read_text())
-    assert saved["next_step"] == 10 and saved["per_process_batch_size"] == 8
+    assert saved["next_step"] == 10 and saved["global_batch_size"] == 8
     meta = json.loads((workdir / "checkpoints/10/meta/metadata").read_text())
     assert meta["data"]["input"] == "stream" and meta["data"]["image_size"] == 32
     assert meta["class_names"] == list(FINE_LABEL_NAMES)
@@ -532,7 +568,7 @@ _MEMORY_PROBE = textwrap.dedent(
         config = defaults.saved_config(dict(dataset="image_folder", data_dir=sys.argv[1]), "argv")
         split = stream.open_split(config, "train", process_index=0, process_count=1)
         iterator = stream.train_batches(
-            split, per_process_batch_size=16, seed=0, start_step=0, image_size=96,
+            split, global_batch_size=16, seed=0, start_step=0, image_size=96,
             augment="crop_flip", crop_padding=4, random_flip=True, num_workers=0)
         start = time.perf_counter()
         next(iterator)

@@ -13,7 +13,8 @@ Two paths behind one interface (`open_input`), chosen by `config.input`:
   the CIFAR one, "stream" otherwise.
 
 Either way the devices receive uint8 images and normalise them inside the compiled
-step (`normalize`), the batch of step s is a pure function of (data, seed, s), every
+step (`normalize`), the batch of step s is a pure function of (data, seed, s, global
+batch size), the same on any number of processes and devices, every
 evaluation example is counted once, and a file that cannot be read is named.
 """
 
@@ -70,7 +71,7 @@ def _device_memory_budget(mesh: jax.sharding.Mesh) -> int:
     stats = local[0].memory_stats() if local else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"] * _DEVICE_MEMORY_SHARE)
-    # CPU devices share the host's memory, each holding its own copy of the shard.
+    # CPU devices share the host's memory, each holding its own copy of the split.
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(host * _DEVICE_MEMORY_SHARE) // max(1, len(local))
 
@@ -84,7 +85,7 @@ def choose_mode(config: Any, num_train_examples: int, mesh: jax.sharding.Mesh) -
         return config.input
     if config.augment != "crop_flip":
         return "stream"
-    need = device.split_bytes(num_train_examples, config.image_size, jax.process_count())
+    need = device.split_bytes(num_train_examples, config.image_size)
     return "device" if need <= _device_memory_budget(mesh) else "stream"
 
 
@@ -105,7 +106,11 @@ def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> I
         count = sources.count_examples(config, config.train_split)
     if choose_mode(config, count, mesh) == "device":
         eval_split = sources.load_split(config, config.eval_split)
-        train_split = sources.load_split(config, config.train_split) if train else None
+        train_split = None
+        if train:  # The whole split in every process: the order is global.
+            train_split = sources.load_split(
+                config, config.train_split, process_index=0, process_count=1
+            )
         return device.DeviceInput(train_split, eval_split, config, mesh)
     from resnet_jax.data import stream
 
@@ -113,5 +118,9 @@ def open_input(config: Any, mesh: jax.sharding.Mesh, *, train: bool = True) -> I
         # Prepared (downloaded, or from manual_dir) as array_record if it is not yet.
         tfds_source.prepared_builder(config, file_format="array_record")
     eval_split = stream.open_split(config, config.eval_split)
-    train_split = stream.open_split(config, config.train_split) if train else None
+    train_split = None
+    if train:
+        train_split = stream.open_split(
+            config, config.train_split, process_index=0, process_count=1
+        )
     return stream.StreamInput(train_split, eval_split, config, mesh)

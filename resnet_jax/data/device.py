@@ -1,26 +1,26 @@
 """The device-resident input path, for datasets that fit in accelerator memory.
 
-Each process loads its shard of the training split once (`sources.load_split`) and
-places it, uint8, on every one of its devices. From then on the host sends nothing:
-one compiled program per step picks the examples of the step from an epoch order
-kept on the devices, pads, crops and flips them, and hands the train step a uint8
-batch already split over the devices. The order of each epoch is drawn once, at the
-epoch's first step, by another small compiled program.
+Each process loads the whole training split once (`sources.load_split`) and places it,
+uint8, on every one of its devices. From then on the host sends nothing: one compiled
+program per step picks the examples of the step from an epoch order kept on the
+devices, pads, crops and flips them, and hands the train step a uint8 batch already
+split over the devices. The order of each epoch is drawn once, at the epoch's first
+step, by another small compiled program.
 
-The batch of step s is the one the process-level definition gives, whatever the
-number of local devices: process p's epoch e visits its shard in an order drawn from
-(seed, e, p), and the crop offsets and flips of step s are drawn from (seed, s, p)
-for the whole per-process batch; each device takes its slice. So a resumed run sees
-exactly the batches of an uninterrupted one, and 1 or 8 devices of one process train
-on the same batches.
+The batch of step s is one global batch, whatever the topology: epoch e visits the
+split in an order drawn from (seed, e), step s takes the next global batch of it, and
+the crop offsets and flips of step s are drawn from (seed, s) for the whole global
+batch. Each device computes only its own rows (its position along the mesh's "data"
+axis). So a resumed run sees exactly the batches of an uninterrupted one, also on
+another number of processes or devices, as long as the global batch is the same.
 
-Evaluation batches come from the same in-memory split, as uint8 (`eval_batches`).
+Evaluation batches come from this process's shard of the evaluation split, as uint8
+(`eval_batches`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,38 +31,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from resnet_jax import sharding
 from resnet_jax.data import interface, splits
-from resnet_jax.data.errors import DatasetError
 from resnet_jax.data.sources import DatasetSplit
 
 
-def split_bytes(num_examples: int, image_size: int, process_count: int = 1) -> int:
+def split_bytes(num_examples: int, image_size: int) -> int:
     """Bytes one device holds for a training split of `num_examples` RGB uint8 squares."""
-    return math.ceil(num_examples / process_count) * image_size * image_size * 3
-
-
-def _local_positions(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, int]:
-    """For each device of `mesh` in order: its process and its rank among that process's devices.
-
-    Returns:
-      (process, local_rank, local_count), the first two int32 [num_devices].
-
-    Raises:
-      DatasetError: the processes do not all have the same number of devices.
-    """
-    devices = list(mesh.devices.flat)
-    process = np.asarray([d.process_index for d in devices], np.int32)
-    counts = np.bincount(process)
-    if len(set(counts[counts > 0].tolist())) != 1:
-        raise DatasetError(
-            f"The device-resident input needs the same number of devices in every process, "
-            f"got {counts.tolist()}: use --config.input=stream."
-        )
-    local_rank = np.zeros(len(devices), np.int32)
-    seen: dict[int, int] = {}
-    for i, p in enumerate(process.tolist()):
-        local_rank[i] = seen.get(p, 0)
-        seen[p] = local_rank[i] + 1
-    return process, local_rank, int(counts.max())
+    return num_examples * image_size * image_size * 3
 
 
 def _on_every_local_device(value: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -100,29 +74,15 @@ def apply_augmentation(
     return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
 
 
-def _position(process: np.ndarray, local_rank: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Inside `shard_map`: this device's process and its rank among that process's devices."""
-    d = jax.lax.axis_index(sharding.DATA_AXIS)
-    return jnp.asarray(process)[d], jnp.asarray(local_rank)[d]
+# Folded into the keys of the epoch order and of the crops and flips: runs of one process
+# drew with its index, 0, before the order became global, and keep their batches.
+_ORDER_KEY_TAG = 0
 
 
-def _epoch_order(
-    sizes: jnp.ndarray,
-    epoch: jnp.ndarray,
-    *,
-    root: jax.Array,
-    process: np.ndarray,
-    local_rank: np.ndarray,
-    num_rows: int,
-) -> jnp.ndarray:
-    """Per device: [1, num_rows], the order of `epoch` over the rows of its process."""
-    p, _ = _position(process, local_rank)
+def _epoch_order(epoch: jnp.ndarray, *, root: jax.Array, num_rows: int) -> jnp.ndarray:
+    """Per device: [1, num_rows], the order of `epoch` over the whole split."""
     key = jax.random.fold_in(jax.random.fold_in(root, splits.SHUFFLE_TAG), epoch)
-    permutation = jax.random.permutation(jax.random.fold_in(key, p), num_rows)
-    # Padding rows (past this process's shard) move to the end, keeping the
-    # order of the rest: a uniform permutation of the shard comes first.
-    valid_first = jnp.argsort(permutation >= sizes[0], stable=True)
-    return permutation[valid_first][None]
+    return jax.random.permutation(jax.random.fold_in(key, _ORDER_KEY_TAG), num_rows)[None]
 
 
 def _draw_batch(
@@ -132,30 +92,28 @@ def _draw_batch(
     step: jnp.ndarray,
     *,
     root: jax.Array,
-    process: np.ndarray,
-    local_rank: np.ndarray,
     steps_per_epoch: int,
-    batch: int,
+    global_batch: int,
     per_device: int,
     crop_padding: int,
     random_flip: bool,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Per device: its slice of the batch of `step` (images, labels), and step + 1."""
-    p, rank = _position(process, local_rank)
-    start = (step % steps_per_epoch) * batch + rank * per_device
+    """Per device: its rows of the global batch of `step` (images, labels), and step + 1."""
+    first_row = jax.lax.axis_index(sharding.DATA_AXIS) * per_device
+    start = (step % steps_per_epoch) * global_batch + first_row
     rows = jax.lax.dynamic_slice(order[0], (start,), (per_device,))
     picked = images[0][rows]
     if crop_padding > 0 or random_flip:
         key = jax.random.fold_in(jax.random.fold_in(root, splits.CROP_FLIP_TAG), step)
-        # Drawn for the whole per-process batch, then sliced: the same batch
-        # whatever the number of local devices.
+        # Drawn for the whole global batch, then sliced: the same batch whatever the
+        # number of processes and devices.
         offsets, flips = draw_augmentation(
-            jax.random.fold_in(key, p), batch, crop_padding, random_flip
+            jax.random.fold_in(key, _ORDER_KEY_TAG), global_batch, crop_padding, random_flip
         )
         picked = apply_augmentation(
             picked,
-            jax.lax.dynamic_slice_in_dim(offsets, rank * per_device, per_device),
-            jax.lax.dynamic_slice_in_dim(flips, rank * per_device, per_device),
+            jax.lax.dynamic_slice_in_dim(offsets, first_row, per_device),
+            jax.lax.dynamic_slice_in_dim(flips, first_row, per_device),
             crop_padding,
         )
     return picked, labels[0][rows], step + 1
@@ -180,39 +138,27 @@ class DeviceTrainBatches:
         random_flip: bool = True,
     ):
         assert seed >= 0 and start_step >= 0 and crop_padding >= 0, (seed, start_step, crop_padding)
-        process, local_rank, local_count = _local_positions(mesh)
-        batch = per_process_batch_size
-        # sharding.per_process_batch_size gives each process a multiple of its devices.
-        assert batch % local_count == 0, (batch, local_count)
-        self.steps_per_epoch = splits.steps_per_epoch(
-            split.num_examples, split.process_count, batch
-        )
+        assert split.process_count == 1, "the whole training split, in every process"
+        global_batch, _ = sharding.process_rows(mesh, per_process_batch_size)
+        per_device = global_batch // mesh.devices.size
+        self.steps_per_epoch = splits.steps_per_epoch(split.num_examples, global_batch)
         self.checkpointable = None  # The step alone determines the batches.
-        # Each process's devices hold num_rows rows: its shard, then zeros.
-        num_rows = math.ceil(split.num_examples / split.process_count)
-        num_local = len(split.labels)
-        images = np.zeros((num_rows, *split.images.shape[1:]), np.uint8)
-        labels = np.zeros((num_rows,), np.int32)
-        images[:num_local], labels[:num_local] = split.images, split.labels
-        self._images = _on_every_local_device(images, mesh)
-        self._labels = _on_every_local_device(labels, mesh)
-        self._sizes = _on_every_local_device(np.asarray(num_local, np.int32), mesh)
+        self._images = _on_every_local_device(split.images, mesh)
+        self._labels = _on_every_local_device(split.labels.astype(np.int32), mesh)
 
-        common = dict(root=jax.random.key(seed), process=process, local_rank=local_rank)
+        root = jax.random.key(seed)
         data, scalar = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
-        order = functools.partial(_epoch_order, **common, num_rows=num_rows)
+        order = functools.partial(_epoch_order, root=root, num_rows=split.num_examples)
         draw = functools.partial(
             _draw_batch,
-            **common,
+            root=root,
             steps_per_epoch=self.steps_per_epoch,
-            batch=batch,
-            per_device=batch // local_count,
+            global_batch=global_batch,
+            per_device=per_device,
             crop_padding=crop_padding,
             random_flip=random_flip,
         )
-        self._order_fn = jax.jit(
-            jax.shard_map(order, mesh=mesh, in_specs=(data, scalar), out_specs=data)
-        )
+        self._order_fn = jax.jit(jax.shard_map(order, mesh=mesh, in_specs=scalar, out_specs=data))
         self._draw_fn = jax.jit(
             jax.shard_map(
                 draw, mesh=mesh, in_specs=(data, data, data, scalar), out_specs=(data, data, scalar)
@@ -233,7 +179,7 @@ class DeviceTrainBatches:
     def __next__(self) -> dict[str, jax.Array]:
         epoch = self._step // self.steps_per_epoch
         if epoch != self._epoch:
-            self._order = self._order_fn(self._sizes, np.int32(epoch))
+            self._order = self._order_fn(np.int32(epoch))
             self._epoch = epoch
         images, labels, self._step_on_devices = self._draw_fn(
             self._images, self._labels, self._order, self._step_on_devices

@@ -43,9 +43,10 @@ class Input(abc.ABC):
     """The training and evaluation data of a run, and the batches made from them.
 
     Attributes:
-      train: This process's training split, or None when opened for evaluation only.
-        Both kinds of split have num_examples, num_classes, class_names,
-        process_index and process_count.
+      train: The whole training split (every process reads from all of it and takes
+        its rows of each global batch), or None when opened for evaluation only. Both
+        kinds of split have num_examples, num_classes, class_names, process_index and
+        process_count.
       eval: This process's evaluation split.
       config: The run's config.
       mesh: The devices the batches go to.
@@ -63,11 +64,9 @@ class Input(abc.ABC):
         # training split's class folders for an image folder).
         return self.eval.class_names
 
-    def steps_per_epoch(self, per_process_batch_size: int) -> int:
+    def steps_per_epoch(self, global_batch_size: int) -> int:
         assert self.train is not None, "opened for evaluation only"
-        return splits.steps_per_epoch(
-            self.train.num_examples, self.train.process_count, per_process_batch_size
-        )
+        return splits.steps_per_epoch(self.train.num_examples, global_batch_size)
 
     def num_eval_batches(self, per_process_batch_size: int) -> int:
         return splits.num_eval_batches(
@@ -76,7 +75,11 @@ class Input(abc.ABC):
 
     @abc.abstractmethod
     def train_batches(self, per_process_batch_size: int, start_step: int) -> TrainBatches:
-        """Global uint8 train batches from global step `start_step` on, forever."""
+        """Global uint8 train batches from global step `start_step` on, forever.
+
+        The batch of step s depends on the data, the seed, s and the global batch size
+        only: not on the number of processes or devices.
+        """
 
     @abc.abstractmethod
     def eval_batches(self, per_process_batch_size: int) -> tuple[int, Iterator[dict[str, Any]]]:

@@ -93,6 +93,10 @@ def load_split(
     CIFAR is prepared by tfds on first use (downloaded, or read from
     `config.manual_dir`), and read from `config.data_dir` afterwards.
 
+    Training loads the whole split in every process (process_index=0, process_count=1):
+    its order is global, and each process takes its rows of each batch. Evaluation
+    loads each process's shard.
+
     Args:
       config: Needs `dataset`, `data_dir`, `manual_dir`, `image_size` and (for image
         folders) `eval_resize_size`.

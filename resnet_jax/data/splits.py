@@ -3,8 +3,12 @@
 Also the tags of the random streams drawn from a run's seed, and the padding of eval
 batches.
 
-Process i of P holds examples [i*n//P, (i+1)*n//P) of a split, in the split's fixed
-order. Not `tfds.split_for_jax_process`: it cuts the split with tfds's even_splits,
+For evaluation, process i of P holds examples [i*n//P, (i+1)*n//P) of a split, in the
+split's fixed order. For training every process reads from the whole split: the batch of
+step s is one global batch drawn from (seed, s), and each process takes its rows of it
+(`sharding.process_rows`), so the batches do not depend on the number of processes.
+
+Not `tfds.split_for_jax_process`: it cuts the split with tfds's even_splits,
 which gives the extra examples to the first shards, and image folders (which tfds
 does not read here) must be cut the same way as tfds datasets, on both input paths.
 """
@@ -57,34 +61,31 @@ def check_eval_capacity(num_local: int, per_process_batch_size: int, num_batches
         )
 
 
-def steps_per_epoch(num_examples: int, process_count: int, per_process_batch_size: int) -> int:
-    """Returns the number of train steps in one epoch, the same for every process.
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Returns the number of train steps in one epoch, the same for every topology.
 
-    Shards differ in size by at most one example; each process uses the first
-    num_examples // process_count examples of its epoch permutation, and drops
-    what does not fill a whole batch.
+    An epoch is one pass over the whole training split in one global order (every
+    process reads from all of it and takes its rows of each global batch); what does
+    not fill a whole global batch is dropped.
 
     Args:
       num_examples: Examples in the whole split.
-      process_count: Number of processes.
-      per_process_batch_size: Batch size of one process.
+      global_batch_size: Examples per step, all processes together.
 
     Returns:
-      (num_examples // process_count) // per_process_batch_size.
+      num_examples // global_batch_size.
 
     Raises:
-      DatasetError: The batch is larger than a process's shard.
+      DatasetError: The global batch is larger than the split.
     """
-    if per_process_batch_size <= 0:
-        raise DatasetError(f"per-process batch size {per_process_batch_size} must be positive.")
-    per_process = num_examples // process_count
-    steps = per_process // per_process_batch_size
+    if global_batch_size <= 0:
+        raise DatasetError(f"batch size {global_batch_size} must be positive.")
+    steps = num_examples // global_batch_size
     if steps == 0:
         raise DatasetError(
-            f"The per-process batch size {per_process_batch_size} is larger than the "
-            f"{per_process} training examples each of the {process_count} processes holds "
-            f"({num_examples} in all), so an epoch has no step: use a smaller "
-            f"--config.batch_size (at most {per_process * process_count} in all)."
+            f"The batch size {global_batch_size} is larger than the {num_examples} training "
+            f"examples, so an epoch has no step: use a smaller --config.batch_size (at most "
+            f"{num_examples})."
         )
     return steps
 

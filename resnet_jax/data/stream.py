@@ -5,20 +5,23 @@ files (image folders) or as tfds `array_record` files, which allow random access
 nothing is decoded until a batch needs it, and at most a few batches per worker are
 in flight, so memory does not grow with the dataset.
 
-The pipeline is a grain `MapDataset`: the batch of global step s holds the examples
-at positions s*B .. s*B+B-1 of an endless sequence of epochs, and everything about
-it is a function of that position:
+The pipeline is a grain `MapDataset`: the global batch of step s (B examples, all
+processes together) holds the examples at positions s*B .. s*B+B-1 of an endless
+sequence of epochs over the whole training split, and everything about an example is
+a function of its position:
 
-- epoch e = s // steps_per_epoch visits this process's shard in grain's index
-  shuffle seeded from (seed, process_index) and e, and keeps its first
-  steps_per_epoch * B examples (the remainder of the shard is dropped);
-- the random crop and flip of an example come from a Philox generator keyed by
-  (seed, process_index) at a counter set by the example's position (as grain's
-  `random_map` seeds it, so runs made with it keep their crops).
+- epoch e = s // steps_per_epoch visits the split in grain's index shuffle seeded
+  from the seed and e, and keeps its first steps_per_epoch * B examples (the
+  remainder is dropped);
+- the random crop and flip of an example come from a Philox generator keyed by the
+  seed at a counter set by the example's position (as grain's `random_map` seeds it,
+  so runs made with it keep their crops).
 
-So a run that starts (or resumes) at step k gets exactly the batches an
-uninterrupted run gets from step k on, with any number of worker processes; and
-the iterator's state is just the next step.
+Each process reads and decodes only its rows of each global batch (those its devices
+hold, `sharding.process_rows`). So a run that starts (or resumes) at step k gets
+exactly the batches an uninterrupted run gets from step k on, with any number of
+worker processes, and on any number of hosts and devices; the iterator's state is
+just the next step.
 
 An image that cannot be decoded stops the run with a `DatasetError` naming the file
 (image folders) or the split and record (tfds), also when a worker process hit it.
@@ -190,6 +193,10 @@ def open_split(
     files (the same as the in-memory path, so both see the same shards and labels),
     for tfds the stored record order.
 
+    Training opens the whole split in every process (process_index=0,
+    process_count=1): its order is global, and each process takes its rows of each
+    batch. Evaluation opens each process's shard.
+
     Args:
       config: Needs `dataset` ("image_folder" or a tfds dataset name) and `data_dir`
         (the folder; for tfds its data directory, None for tfds's default).
@@ -300,9 +307,9 @@ class _TrainDecode:
 
 @dataclasses.dataclass(frozen=True)
 class _Order:
-    """The endless sequence of this process's training records, by position.
+    """The endless sequence of the training records, by position.
 
-    Position p is example p % kept of epoch e = p // kept: the epoch visits the shard
+    Position p is example p % kept of epoch e = p // kept: the epoch visits the split
     in grain's index shuffle seeded with (seed + e) and keeps its first `kept` records.
     This is what grain's `MapDataset.source(records).shuffle(seed).slice(slice(0, kept))
     .repeat()` yields, computed without its per-element statistics and index arithmetic
@@ -323,26 +330,27 @@ class _Order:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainBatch(grain.transforms.Map):
-    """Train batch number `step` of this process, decoded into one preallocated array.
+    """This process's rows of global batch number `step`, decoded into one preallocated array.
 
-    Example j of it is position step * batch + j of `order`, cropped and flipped with
-    the draws of `_at(position)`.
+    Row r of the global batch is position step * global_batch + r of `order`, cropped
+    and flipped with the draws of `_at(position)`; example j of the result is row rows[j].
     """
 
     order: _Order
-    batch: int
+    global_batch: int
+    rows: tuple[int, ...]
     crop_seed: int
     decode_one: _TrainDecode
 
     def map(self, step: int) -> dict[str, np.ndarray]:
         size = self.decode_one.image_size
-        images = np.empty((self.batch, size, size, 3), np.uint8)
-        labels = np.empty((self.batch,), np.int32)
+        images = np.empty((len(self.rows), size, size, 3), np.uint8)
+        labels = np.empty((len(self.rows),), np.int32)
         rng = _example_rng(self.crop_seed)
-        first = step * self.batch
-        for j in range(self.batch):
-            record = self.order[first + j]
-            self.decode_one(record, _at(rng, first + j), images[j])
+        first = step * self.global_batch
+        for j, row in enumerate(self.rows):
+            record = self.order[first + row]
+            self.decode_one(record, _at(rng, first + row), images[j])
             labels[j] = record.label
         return {"image": images, "label": labels}
 
@@ -363,9 +371,11 @@ class _EvalDecode(grain.transforms.Map):
 # Batches.
 
 
-def _seed(seed: int, stream: int, process_index: int) -> int:
-    """A 32-bit grain seed for one (seed, purpose, process)."""
-    sequence = np.random.SeedSequence([seed, stream, process_index])
+def _seed(seed: int, stream: int) -> int:
+    """A 32-bit grain seed for one (seed, purpose)."""
+    # The 0 is the process index the seeds of one process were drawn with before the
+    # order became global: single-process runs keep their batches.
+    sequence = np.random.SeedSequence([seed, stream, 0])
     return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
@@ -448,9 +458,13 @@ class TrainIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues with the batch of step `state["next_step"]`.
 
+        A state saved by one process before the order became global (no
+        "global_batch_size") is read as the same settings: its batches were these.
+
         Raises:
-          DatasetError: The state belongs to other settings (seed, batch size,
-            processes), whose batches differ.
+          DatasetError: The state belongs to other settings (seed, global batch size),
+            or to a run of several processes from before the order became global;
+            their batches differ.
         """
         if "next_step" not in state:
             raise DatasetError(
@@ -458,6 +472,7 @@ class TrainIterator(grain.DatasetIterator):
                 f"it was saved by another input path; start from the checkpoint's step "
                 f"instead (start_step)."
             )
+        state = _global_form(state)
         changed = {
             k: (state.get(k), v) for k, v in self._data_settings.items() if state.get(k) != v
         }
@@ -488,10 +503,23 @@ class TrainIterator(grain.DatasetIterator):
         super().close()
 
 
+def _global_form(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved iterator state in today's form: a single-process one from before the
+    order became global, whose batches are today's, has its batch as the global one."""
+    if "global_batch_size" in state or state.get("process_count") != 1:
+        return state
+    old = ("per_process_batch_size", "process_index", "process_count")
+    return {
+        **{k: v for k, v in state.items() if k not in old},
+        "global_batch_size": state.get("per_process_batch_size"),
+    }
+
+
 def train_batches(
     split: StreamSplit,
     *,
-    per_process_batch_size: int,
+    global_batch_size: int,
+    rows: Sequence[int] | None = None,
     seed: int,
     start_step: int,
     image_size: int,
@@ -501,11 +529,13 @@ def train_batches(
     num_workers: int,
     decoder: str = "opencv",
 ) -> TrainIterator:
-    """This process's train batches forever, from global step `start_step` on.
+    """This process's rows of the global train batches forever, from step `start_step` on.
 
     Args:
-      split: The opened training split.
-      per_process_batch_size: Examples per batch.
+      split: The opened training split, whole (every process reads from all of it).
+      global_batch_size: Examples per step, all processes together.
+      rows: The rows of each global batch this process makes, in order
+        (`sharding.process_rows`); None for all of them (one process).
       seed: Data seed (non-negative).
       start_step: Global step of the first batch (non-negative).
       image_size: Side of the square images.
@@ -526,34 +556,32 @@ def train_batches(
       Arguments are checked here, not at the first batch.
 
     Raises:
-      DatasetError: A batch larger than a process's shard.
+      DatasetError: A global batch larger than the split.
     """
     # The config's values, checked by config_checks.validate where they entered.
     assert seed >= 0 and start_step >= 0 and image_size > 0, (seed, start_step, image_size)
     assert augment in ("crop_flip", "random_resized_crop"), augment
     assert crop_padding >= 0 and num_workers >= 0, (crop_padding, num_workers)
     assert decoder in decode.DECODERS, decoder
-    batch = per_process_batch_size
-    steps = splits.steps_per_epoch(split.num_examples, split.process_count, batch)
-    order = _Order(
-        split.records, steps * batch, _seed(seed, splits.SHUFFLE_TAG, split.process_index)
-    )
-    # Batch s decodes positions s*B .. s*B+B-1 straight into its arrays (one copy per
-    # image, no per-record grain elements to stack), for ever (as grain's repeat()).
+    assert split.process_count == 1, "the whole training split, in every process"
+    batch = global_batch_size
+    rows = tuple(range(batch)) if rows is None else tuple(rows)
+    assert rows and all(0 <= row < batch for row in rows), (rows, batch)
+    steps = splits.steps_per_epoch(split.num_examples, batch)
+    order = _Order(split.records, steps * batch, _seed(seed, splits.SHUFFLE_TAG))
+    # Batch s decodes this process's rows of positions s*B .. s*B+B-1 straight into its
+    # arrays (one copy per image, no per-record grain elements to stack), for ever (as
+    # grain's repeat()).
     batches = grain.MapDataset.range(sys.maxsize // batch).map(
         _TrainBatch(
             order,
             batch,
-            _seed(seed, splits.CROP_FLIP_TAG, split.process_index),
+            rows,
+            _seed(seed, splits.CROP_FLIP_TAG),
             _TrainDecode(image_size, augment, crop_padding, random_flip, decoder),
         )
     )
-    data_settings = {
-        "seed": seed,
-        "per_process_batch_size": batch,
-        "process_index": split.process_index,
-        "process_count": split.process_count,
-    }
+    data_settings = {"seed": seed, "global_batch_size": batch}
     return TrainIterator(
         batches, start_step=start_step, num_workers=num_workers, data_settings=data_settings
     )
@@ -643,9 +671,11 @@ class StreamInput(interface.Input):
     def train_batches(self, per_process_batch_size: int, start_step: int) -> StreamTrainBatches:
         assert self.train is not None, "opened for evaluation only"
         config = self.config
+        global_batch_size, rows = sharding.process_rows(self.mesh, per_process_batch_size)
         iterator = train_batches(
             self.train,
-            per_process_batch_size=per_process_batch_size,
+            global_batch_size=global_batch_size,
+            rows=rows,
             seed=config.seed,
             start_step=start_step,
             image_size=config.image_size,
