@@ -284,7 +284,7 @@ def _train_iterator(root: pathlib.Path, size: int, batch: int, workers: int, dec
     augment = "crop_flip" if size < _IMAGENET_FROM else "random_resized_crop"
     return stream.train_batches(
         split,
-        per_process_batch_size=batch,
+        global_batch_size=batch,  # one process: its batch is the global one
         seed=0,
         start_step=0,
         image_size=size,
