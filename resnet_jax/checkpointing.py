@@ -19,8 +19,9 @@ processes agreeing on every decision.
 The input pipeline is a pure function of (data settings, step), so the step and the
 data settings (`run_meta["data"]`, compared in `resume`) are the whole state of the data
 order and augmentation randomness, whatever the topology (`run_meta["topology"]`): a
-run resumes on another number of processes or devices on the same batches. The format also keeps `meta["rng"]` (seed and step,
-never read) and, in the iterator's file, the few settings its own `set_state` checks.
+run resumes on another number of processes or devices on the same batches. The format
+also keeps `meta["rng"]` (seed and step, never read) and, in the iterator's file, the few
+settings its own `set_state` checks.
 """
 
 import enum
@@ -497,22 +498,6 @@ def restore_for_resume(
     return state, None
 
 
-def _global_data_record(data: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's data record in today's form, where its batches are today's.
-
-    Before the order became global the record held the process count and the batch of
-    one process. A single process's batches were already the global ones: its record
-    becomes today's. A record of several processes stays as it was (other batches).
-    """
-    if data.get("process_count") != 1 or "global_batch_size" in data:
-        return data
-    old = ("process_count", "per_process_batch_size")
-    return {
-        **{k: v for k, v in data.items() if k not in old},
-        "global_batch_size": data.get("per_process_batch_size"),
-    }
-
-
 def _topology(topology: dict[str, Any]) -> str:
     processes, devices = topology.get("processes"), topology.get("devices")
     return f"{processes} process{'es' if processes != 1 else ''}, {devices} devices"
@@ -613,11 +598,14 @@ def resume(
             meta["step"],
             ", ".join(_changes(saved, now)),
         )
-    saved_data = _global_data_record(meta.get("data") or {})
+    # Here: the data package loads tensorflow_datasets, which predict and report skip.
+    from resnet_jax.data import splits
+
+    saved_data = splits.global_settings(meta.get("data") or {})
     same_data = saved_data == run_meta["data"]
     if "imported" in meta and meta["step"] == 0:
         logging.info("Starting from the weights imported from %s.", meta["imported"]["state_dict"])
-    elif saved_data.get("process_count", 1) != 1 and "global_batch_size" not in saved_data:
+    elif "process_count" in saved_data:  # several processes' record, from before
         logging.warning(
             "The checkpoint at step %d was written by %d processes before the data order "
             "became global (the same on any number of processes): training continues, but "

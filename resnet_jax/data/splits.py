@@ -14,6 +14,7 @@ does not read here) must be cut the same way as tfds datasets, on both input pat
 """
 
 import math
+from typing import Any
 
 import jax
 import numpy as np
@@ -130,3 +131,20 @@ def pad_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
         padded[key][:count] = value
     padded["mask"] = np.arange(size) < count
     return padded
+
+
+def global_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Saved data settings (a checkpoint's data record, the stream's iterator state) in
+    today's form, where their batches are today's.
+
+    Before the order became global they held the process count and one process's batch.
+    A single process's batches were already the global ones: its settings get the global
+    batch size instead. Those of several processes stay as they were (other batches).
+    """
+    if settings.get("process_count") != 1 or "global_batch_size" in settings:
+        return settings
+    old = ("per_process_batch_size", "process_index", "process_count")
+    return {
+        **{k: v for k, v in settings.items() if k not in old},
+        "global_batch_size": settings.get("per_process_batch_size"),
+    }

@@ -472,7 +472,7 @@ class TrainIterator(grain.DatasetIterator):
                 f"it was saved by another input path; start from the checkpoint's step "
                 f"instead (start_step)."
             )
-        state = _global_form(state)
+        state = splits.global_settings(state)
         changed = {
             k: (state.get(k), v) for k, v in self._data_settings.items() if state.get(k) != v
         }
@@ -501,18 +501,6 @@ class TrainIterator(grain.DatasetIterator):
     def close(self) -> None:
         self._close_workers()
         super().close()
-
-
-def _global_form(state: dict[str, Any]) -> dict[str, Any]:
-    """A saved iterator state in today's form: a single-process one from before the
-    order became global, whose batches are today's, has its batch as the global one."""
-    if "global_batch_size" in state or state.get("process_count") != 1:
-        return state
-    old = ("per_process_batch_size", "process_index", "process_count")
-    return {
-        **{k: v for k, v in state.items() if k not in old},
-        "global_batch_size": state.get("per_process_batch_size"),
-    }
 
 
 def train_batches(
