@@ -6,6 +6,7 @@ from resnet_jax.compile_options import CPU_CONVOLUTIONS
 from resnet_jax.models import validate_model_config
 
 LR_SCHEDULES = ("cosine", "multistep", "piecewise", "constant")
+WARMUP_KINDS = ("linear", "constant")
 # How batches reach the devices (resnet_jax/data/__init__.py).
 INPUT_MODES = ("auto", "device", "stream")
 AUGMENTATIONS = ("crop_flip", "random_resized_crop")
@@ -125,6 +126,7 @@ RANGES = {
         "increasing positive epochs",
     ),
     "warmup_epochs": (lambda v: _is_number(v) and v >= 0, ">= 0"),
+    "warmup_factor": (lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
     "nesterov": _BOOL,
     "weight_decay": (lambda v: _is_number(v) and v >= 0, ">= 0"),
@@ -160,6 +162,7 @@ CHOICES = {
         " (opencv: faster, resize without antialiasing; pil: antialiased, as torchvision)",
     ),
     "lr_schedule": (LR_SCHEDULES, ""),
+    "warmup_kind": (WARMUP_KINDS, " (constant: learning_rate x warmup_factor, as the paper)"),
     "policy": (POLICIES, " (see resnet_jax/data/augment.py)"),
     "eval_weights": (EVAL_WEIGHTS, " (ema needs a run trained with ema_decay > 0)"),
     "cpu_convolutions": (CPU_CONVOLUTIONS, " (see resnet_jax/compile_options.py)"),

@@ -265,6 +265,8 @@ SCHEDULE_KEYS = (
     "num_epochs",
     "num_train_steps",
     "warmup_epochs",
+    "warmup_kind",
+    "warmup_factor",
     "lr_schedule",
     "learning_rate",
     "lr_decay_steps",
@@ -285,6 +287,9 @@ def schedule_settings(
         "learning_rate": config.learning_rate,
         "warmup_steps": int(round(config.warmup_epochs * steps_per_epoch)),
     }
+    if config.warmup_kind == "constant" and settings["warmup_steps"]:
+        # Only when set, so the records of linear warmups from before it stay equal.
+        settings.update(warmup_kind="constant", warmup_factor=config.warmup_factor)
     if config.lr_schedule == "cosine":
         settings["num_train_steps"] = num_train_steps
     elif config.lr_schedule in ("multistep", "piecewise"):
@@ -299,14 +304,17 @@ def schedule_settings(
 def create_learning_rate_fn(
     config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
 ) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_epochs`, then the configured schedule.
+    """The warmup over `warmup_epochs` (`warmup_kind`), then the configured schedule.
 
-    Boundaries of "multistep" (steps) and "piecewise" (epochs) are absolute: they count
-    from the start of training, warmup included. One that falls inside the warmup scales
-    the rest of the warmup ramp too (the rate at step t is ramp(t) x decay(t)).
+    A linear warmup rises from 0 to the rate; a constant one holds the rate x
+    `warmup_factor` and then steps up to it. Boundaries of "multistep" (steps) and
+    "piecewise" (epochs) are absolute: they count from the start of training, warmup
+    included. One that falls inside the warmup scales the rest of it too (the rate at step
+    t is warmup(t) x decay(t)).
     """
     settings = schedule_settings(config, steps_per_epoch, num_train_steps)
     base, warmup = config.learning_rate, settings["warmup_steps"]
+    factor = settings.get("warmup_factor")  # Set only for a constant warmup.
     if config.lr_schedule == "cosine":
         main = optax.cosine_decay_schedule(base, max(1, num_train_steps - warmup))
     elif config.lr_schedule == "constant":
@@ -317,10 +325,16 @@ def create_learning_rate_fn(
         )
         if not warmup:
             return decay
+        if factor is not None:
+            return lambda step: decay(step) * jnp.where(step < warmup, factor, 1.0)
         return lambda step: decay(step) * jnp.minimum(1.0, step / warmup)
     if not warmup:
         return main
-    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+    if factor is not None:
+        start = optax.constant_schedule(base * factor)
+    else:
+        start = optax.linear_schedule(0.0, base, warmup)
+    return optax.join_schedules([start, main], [warmup])
 
 
 def create_optimizer(

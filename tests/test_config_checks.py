@@ -34,6 +34,8 @@ BAD = {
     "lr_decay_steps": (48000, 32000),
     "lr_decay_epochs": (-1.0,),
     "warmup_epochs": -1.0,
+    "warmup_factor": 0.0,
+    "warmup_kind": "step",
     "momentum": 1.0,
     "nesterov": 1,
     "weight_decay": -5e-4,

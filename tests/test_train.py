@@ -143,6 +143,33 @@ def test_a_decay_boundary_inside_the_warmup_scales_the_rest_of_it():
     )
 
 
+def test_a_constant_warmup_holds_a_tenth_of_the_rate_then_steps_up():
+    # The paper's start of ResNet-110: lr 0.01 for the first 100 steps here, then 0.1.
+    for name, decay in (("multistep", {"lr_decay_steps": (300, 600)}), ("cosine", {})):
+        lr = schedule(
+            lr_schedule=name, warmup_epochs=1.0, warmup_kind="constant", warmup_factor=0.1, **decay
+        )
+        assert [float(lr(s)) for s in (0, 99, 100)] == pytest.approx([0.01, 0.01, 0.1]), name
+    lr = schedule(lr_schedule="multistep", lr_decay_steps=(300, 600), warmup_kind="constant")
+    assert float(lr(0)) == pytest.approx(0.1)  # No warmup epochs: no warmup of either kind.
+
+
+def test_only_a_constant_warmup_adds_to_the_schedule_record():
+    # A linear warmup's record is the one checkpoints saved before warmup_kind existed.
+    config = default.get_config()
+    config.warmup_epochs = 1.0
+    linear = steps.schedule_settings(config, steps_per_epoch=100, num_train_steps=1000)
+    assert linear == {
+        "lr_schedule": "cosine",
+        "learning_rate": 0.1,
+        "warmup_steps": 100,
+        "num_train_steps": 1000,
+    }
+    config.warmup_kind = "constant"
+    constant = steps.schedule_settings(config, steps_per_epoch=100, num_train_steps=1000)
+    assert constant == {**linear, "warmup_kind": "constant", "warmup_factor": 0.1}
+
+
 def test_the_metrics_carried_through_the_steps_are_those_of_every_step():
     config = tiny_config()
     mesh = sharding.make_mesh()
