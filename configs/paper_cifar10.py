@@ -5,7 +5,8 @@
 The argument after the colon is the depth (20, 32, 44, 56, 110, 1202; default 56).
 Recipe: SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k and
 48k steps, 64k steps in all, shortcut option A, pad-4 crop + flip. Depth 110 and more
-warms up for about one epoch (the paper: lr 0.01 for ~400 steps; here a linear warmup).
+starts as the paper's ResNet-110 does: lr 0.01 for about 400 steps (one epoch), then 0.1
+(`warmup_kind` constant; the paper returns to 0.1 once the training error is below 80%).
 Paper test error: ResNet-20 8.75%, ResNet-56 6.97%, ResNet-110 6.43% (best of 5).
 The paper trains on 45k images and validates on 5k; this recipe trains on all 50k.
 Time: ResNet-56 is about 0.25 GFLOP per image (forward).
@@ -26,7 +27,10 @@ def get_config(depth: str = "56"):
     config.lr_schedule = "multistep"
     config.lr_decay_steps = (32000, 48000)
     config.lr_decay_factor = 0.1
-    config.warmup_epochs = 1.0 if int(depth) >= 110 else 0.0
+    if int(depth) >= 110:
+        config.warmup_epochs = 1.0
+        config.warmup_kind = "constant"
+        config.warmup_factor = 0.1
     config.momentum = 0.9
     config.weight_decay = 1e-4
     config.weight_decay_all = True  # The paper decays every weight.

@@ -154,6 +154,20 @@ def test_a_constant_warmup_holds_a_tenth_of_the_rate_then_steps_up():
     assert float(lr(0)) == pytest.approx(0.1)  # No warmup epochs: no warmup of either kind.
 
 
+def test_the_paper_recipe_starts_resnet110_at_lr_001_for_an_epoch():
+    from configs import paper_cifar10
+
+    steps_per_epoch = 50_000 // 128  # 390 full batches of CIFAR-10's training set.
+    lr110, lr56 = (
+        steps.create_learning_rate_fn(paper_cifar10.get_config(d), steps_per_epoch, 64000)
+        for d in ("110", "56")
+    )
+    assert [float(lr110(s)) for s in (0, 389, 390, 31999, 32000)] == pytest.approx(
+        [0.01, 0.01, 0.1, 0.1, 0.01]
+    )
+    assert [float(lr56(s)) for s in (0, 390, 32000)] == pytest.approx([0.1, 0.1, 0.01])
+
+
 def test_only_a_constant_warmup_adds_to_the_schedule_record():
     # A linear warmup's record is the one checkpoints saved before warmup_kind existed.
     config = default.get_config()
