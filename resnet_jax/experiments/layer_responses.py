@@ -241,7 +241,7 @@ class _OpenedRun(NamedTuple):
     fold_test_set: Callable  # (compiled step, carry) -> carry folded over every test batch.
 
 
-def _open_run(
+def open_run(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, which: str, num_batches: int
 ) -> _OpenedRun:
     """Everything of the project's checkpoint, evaluation and input code that a run needs.
@@ -282,7 +282,7 @@ def analyse_run(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, which: str, num_batches: int
 ) -> dict:
     """Responses and gradient norms of one run's checkpoint `which` (see the module docstring)."""
-    run = _open_run(config, workdir, which, num_batches)
+    run = open_run(config, workdir, which, num_batches)
     variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
     layers = find_layers(run.state.apply_fn, variables, config.image_size)
     if not layers:
