@@ -8,10 +8,10 @@ each of --checkpoints (`init`: training's own initialisation from the run's seed
 latest, best, a step), it estimates the largest eigenvalue of the Hessian of the training
 loss: the run's cross-entropy, without weight decay, averaged over the first --batches
 training batches (those training's first steps see), BatchNorm on batch statistics as in
-a training step. The estimate is power iteration on Hessian-vector products
-(forward-over-reverse differentiation), --iterations of them from a fixed random start
-(twice as many where the eigenvalue of largest magnitude is negative: then it shifts the
-spectrum by that much and iterates again, to find the most positive one).
+a training step. The estimate is Lanczos iteration (scipy's ARPACK, from a fixed random
+start) on Hessian-vector products (forward-over-reverse differentiation through the
+project's compiled fold over the batches), to a relative --tolerance or at most about
+--max_products products.
 
 Why it matters: on a quadratic with curvature lambda, SGD with momentum mu (heavy ball, the
 project's optimizer) diverges once lr x lambda > 2 (1 + mu). So 2 (1 + mu) / lambda is the
@@ -20,7 +20,7 @@ or is thrown elsewhere. The table puts it beside the run's learning rate. (Weigh
 adds its coefficient, 1e-4 here, to every eigenvalue: left out.)
 
 It writes into --out (default WORKDIR/sharpness): sharpness.md, a table, and
-sharpness.json, every estimate of the power iteration too.
+sharpness.json, the same numbers.
 """
 
 import functools
@@ -30,8 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
 from resnet_jax import cli
@@ -55,64 +57,62 @@ def define_flags() -> None:
         "Points of each run: init (training's initialisation), latest, best or a step.",
     )
     flags.DEFINE_integer("batches", 2, "First training batches the loss averages over.")
-    flags.DEFINE_integer("iterations", 20, "Hessian-vector products of the power iteration.")
+    flags.DEFINE_float("tolerance", 1e-3, "Relative accuracy the eigenvalue is iterated to.")
+    flags.DEFINE_integer(
+        "max_products", 400, "Most Hessian-vector products per point (each about 3 steps' cost)."
+    )
     cli.require_flag(
         "workdir", "the folder of the runs to measure (e.g. --workdir runs/degradation_fmnist)"
     )
 
 
-def power_iteration(
-    hvp: Callable[[Any], Any], like: Any, iterations: int, seed: int = 0, shift: float = 0.0
-) -> list[float]:
-    """Rayleigh quotients v.(H + shift I)v, less `shift`, of power iteration on that matrix.
+def top_eigenvalue(
+    hvp: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    *,
+    tolerance: float,
+    max_products: int,
+    seed: int = 0,
+) -> tuple[float, int, bool]:
+    """The largest (most positive) eigenvalue of the symmetric operator `hvp` on R^size.
 
-    `hvp` computes v -> Hv over trees like `like`. The last quotient estimates the
-    eigenvalue of H whose shifted value has the largest magnitude; the list shows how it
-    settled. Starts from a normal random unit vector drawn from `seed`.
+    Lanczos iteration (scipy's ARPACK), which also finds it where an eigenvalue of larger
+    magnitude is negative, as it often is at initialisation (plain power iteration would
+    find that one). Stops at a relative `tolerance`, or after about `max_products` calls
+    of `hvp` (rounded up to whole restarts of 20 Lanczos vectors).
+
+    Returns:
+      (the eigenvalue, the products it took, whether it converged). Not converged, the
+      eigenvalue is ARPACK's estimate, or nan where it gave none.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    vector = treedef.unflatten(
-        [jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves, strict=True)]
-    )
-    vector = _scaled(vector, 1.0 / _norm(vector))
-    estimates = []
-    for _ in range(iterations):
-        product = hvp(vector)
-        if shift:
-            product = jax.tree.map(lambda p, v: p + shift * v, product, vector)
-        estimates.append(float(_dot(vector, product)) - shift)
-        vector = _scaled(product, 1.0 / _norm(product))
-    return estimates
+    from scipy.sparse import linalg
 
+    products = 0
 
-def largest_eigenvalue(
-    hvp: Callable[[Any], Any], like: Any, iterations: int, seed: int = 0
-) -> tuple[list[float], float | None]:
-    """The power iteration's estimates of H's largest (most positive) eigenvalue, and the
-    negative eigenvalue found first, if any.
+    def matvec(vector: np.ndarray) -> np.ndarray:
+        nonlocal products
+        products += 1
+        return np.asarray(hvp(np.ravel(vector)), np.float64)
 
-    Plain power iteration finds the eigenvalue of largest magnitude. Where that one is
-    negative, a second run on H + |it| I, whose eigenvalues are all >= 0, finds the
-    largest: `iterations` more products.
-    """
-    estimates = power_iteration(hvp, like, iterations, seed)
-    if estimates[-1] >= 0:
-        return estimates, None
-    negative = estimates[-1]
-    return power_iteration(hvp, like, iterations, seed, shift=-negative), negative
-
-
-def _dot(a: Any, b: Any) -> jnp.ndarray:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def _norm(a: Any) -> jnp.ndarray:
-    return jnp.sqrt(_dot(a, a))
-
-
-def _scaled(a: Any, factor: jnp.ndarray) -> Any:
-    return jax.tree.map(lambda x: x * factor, a)
+    operator = linalg.LinearOperator((size, size), matvec=matvec, dtype=np.float64)
+    start = np.random.default_rng(seed).normal(size=size)
+    basis = min(size - 1, 20)  # Lanczos vectors kept between restarts (ARPACK's ncv).
+    try:
+        values = linalg.eigsh(
+            operator,
+            k=1,
+            which="LA",
+            tol=tolerance,
+            v0=start,
+            ncv=basis,
+            maxiter=max(1, -(-max_products // basis)),
+            return_eigenvectors=False,
+        )
+        return float(values[0]), products, True
+    except linalg.ArpackNoConvergence as e:
+        if not len(e.eigenvalues):
+            return float("nan"), products, False
+        return float(e.eigenvalues[0]), products, False
 
 
 def hvp_step(
@@ -138,7 +138,8 @@ def measure(
     workdir: pathlib.Path,
     which: str,
     num_batches: int,
-    iterations: int,
+    tolerance: float,
+    max_products: int,
 ) -> dict:
     """The sharpness of one run at one point (`which`: init, latest, best or a step)."""
     run = layer_responses.open_run(
@@ -147,25 +148,36 @@ def measure(
     state = run.initial if which == "init" else run.state
     step_fn = run.compile(functools.partial(hvp_step, loss_fn=run.loss_fn))
 
-    def hvp(vector):
-        # The compiled step donates its carry: the caller's vector is passed as a copy.
-        carry = (jax.tree.map(jnp.copy, vector), jax.tree.map(jnp.zeros_like, vector))
+    flat, unravel = jax.flatten_util.ravel_pytree(state.params)
+
+    def hvp(vector: np.ndarray) -> np.ndarray:
+        tree = unravel(jnp.asarray(vector, flat.dtype))
+        carry = (tree, jax.tree.map(jnp.zeros_like, tree))
         for batch in run.train_batches:
             carry = step_fn(state, carry, batch)
-        return jax.tree.map(lambda x: x / len(run.train_batches), carry[1])
+        product, _ = jax.flatten_util.ravel_pytree(carry[1])
+        return np.asarray(product) / len(run.train_batches)
 
-    estimates, negative = largest_eigenvalue(hvp, state.params, iterations, seed=config.seed)
-    top = estimates[-1]
-    limit = 2 * (1 + config.momentum) / top if top > 0 else float("inf")
+    top, products, converged = top_eigenvalue(
+        hvp, flat.size, tolerance=tolerance, max_products=max_products, seed=config.seed
+    )
+    if not converged:
+        logging.warning(
+            "%s, %s: Lanczos did not reach tolerance %g in %d products; the estimate %.4g is "
+            "rough (raise --max_products).",
+            workdir.name,
+            which,
+            tolerance,
+            products,
+            top,
+        )
+    limit = 2 * (1 + config.momentum) / top if top > 0 else float("inf" if top <= 0 else "nan")
     return {
         "checkpoint": which,
         "step": 0 if which == "init" else int(state.step),
         "top_eigenvalue": top,
-        # How far the last iteration still moved it: a rough check of convergence.
-        "last_change": abs(estimates[-1] - estimates[-2]) / abs(top) if iterations > 1 else None,
-        "estimates": estimates,
-        # Larger in magnitude than the top one, where found: the loss curves down there.
-        "negative_eigenvalue": negative,
+        "products": products,
+        "converged": converged,
         "momentum": config.momentum,
         "stable_lr_limit": limit,
         "learning_rate": config.learning_rate,
@@ -178,20 +190,24 @@ def measure_runs(
     names: Sequence[str],
     checkpoints: Sequence[str],
     num_batches: int,
-    iterations: int,
+    tolerance: float,
+    max_products: int,
 ) -> list[dict]:
     """`measure` of every run at every point, each with the run's name."""
     rows = []
     for name in names:
         config = layer_responses.run_config(root / name)
         for which in checkpoints:
-            logging.info("%s, %s: %d Hessian-vector products ...", name, which, iterations)
-            row = {"run": name, **measure(config, root / name, which, num_batches, iterations)}
+            logging.info("%s, %s: Lanczos iteration ...", name, which)
+            row = measure(config, root / name, which, num_batches, tolerance, max_products)
+            row = {"run": name, **row}
             logging.info(
-                "%s at step %d: top eigenvalue %.4g, stable up to lr %.4g (the run's: %.4g).",
+                "%s at step %d: top eigenvalue %.4g (%d products), stable up to lr %.4g (the "
+                "run's: %.4g).",
                 name,
                 row["step"],
                 row["top_eigenvalue"],
+                row["products"],
                 row["stable_lr_limit"],
                 row["learning_rate"],
             )
@@ -201,14 +217,15 @@ def measure_runs(
 
 def table(rows: Sequence[dict]) -> str:
     lines = [
-        "| run | point | step | top Hessian eigenvalue | last change | stable lr limit 2(1+mu)/lambda | run's peak lr |",
+        "| run | point | step | top Hessian eigenvalue | products | stable lr up to "
+        "2(1+mu)/lambda | run's peak lr |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        change = "-" if r["last_change"] is None else f"{100 * r['last_change']:.1f}%"
+        products = f"{r['products']}" + ("" if r["converged"] else " (not converged)")
         lines.append(
-            f"| {r['run']} | {r['checkpoint']} | {r['step']} | {r['top_eigenvalue']:.4g} | {change} "
-            f"| {r['stable_lr_limit']:.3g} | {r['learning_rate']:.3g} |"
+            f"| {r['run']} | {r['checkpoint']} | {r['step']} | {r['top_eigenvalue']:.4g} "
+            f"| {products} | {r['stable_lr_limit']:.3g} | {r['learning_rate']:.3g} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -216,22 +233,29 @@ def table(rows: Sequence[dict]) -> str:
 def _run() -> None:
     root = pathlib.Path(FLAGS.workdir).expanduser().absolute()
     out = pathlib.Path(FLAGS.out) if FLAGS.out else root / OUT_DIR
-    for flag, value, least in (("batches", FLAGS.batches, 1), ("iterations", FLAGS.iterations, 2)):
+    for flag, value, least in (
+        ("batches", FLAGS.batches, 1),
+        ("max_products", FLAGS.max_products, 2),
+    ):
         if value < least:
             raise LayerResponsesError(f"--{flag}={value}: give at least {least}.")
+    if not 0 < FLAGS.tolerance < 1:
+        raise LayerResponsesError(f"--tolerance={FLAGS.tolerance}: give a number in (0, 1).")
     names = layer_responses.run_names(root, FLAGS.runs)
     from resnet_jax import data
 
     data.hide_accelerators_from_tensorflow()
-    rows = measure_runs(root, names, FLAGS.checkpoints, FLAGS.batches, FLAGS.iterations)
+    rows = measure_runs(
+        root, names, FLAGS.checkpoints, FLAGS.batches, FLAGS.tolerance, FLAGS.max_products
+    )
     out.mkdir(parents=True, exist_ok=True)
     batches = rows[0]["batches"]
     (out / "sharpness.md").write_text(
         f"# Sharpness: {root}\n\nThe largest eigenvalue of the Hessian of the training loss "
         f"(cross-entropy, BN on batch statistics) over the first {batches['count']} training "
-        f"batches of {batches['batch_size']}, by {FLAGS.iterations} steps of power iteration; "
-        "last change: how much the last step still moved it. SGD with momentum mu diverges on "
-        "such curvature above lr 2(1+mu)/lambda.\n\n" + table(rows)
+        f"batches of {batches['batch_size']}, by Lanczos iteration to a relative tolerance of "
+        f"{FLAGS.tolerance:g} (products: Hessian-vector products it took). SGD with momentum mu "
+        "diverges on such curvature above lr 2(1+mu)/lambda.\n\n" + table(rows)
     )
     (out / "sharpness.json").write_text(
         json.dumps({"workdir": str(root), "runs": rows}, indent=1) + "\n"
