@@ -8,7 +8,8 @@
 # stopped at any point and started again. Needs the image folder data/fashion_mnist
 # (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
 # to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
-# figure 6 at 6,000 iterations, 6 for the warm-up runs and 10 for the three 100-epoch runs.
+# figure 6 at 6,000 iterations, 6 for the warm-up runs, 11 for the two ResNet-110 runs of the
+# chase and 10 for the three 100-epoch runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -82,6 +83,19 @@ python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:d
 # on 2 cores); --depths 20,56,110 then draws the figure with it.
 train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist_warmup/resnet110" \
   --config.model.name=resnet110 --config.warmup_epochs=5.12
+# ResNet-110 blew up as the warm-up's rate passed about 0.07 (steps 300-400). The chase:
+# the sharpness of the three ResNets at initialisation (the largest stable rate), then
+# ResNet-110 twice more: the linear warm-up with seed 1, and the paper's own start (lr
+# 0.01 held for 400 iterations, then 0.1); each about 5-6 hours on 2 cores, two at once.
+python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_warmup" \
+  --runs resnet20,resnet56,resnet110 --checkpoints init --batches 1 --tolerance 1e-2 \
+  --out "$runs/degradation_fmnist_warmup/sharpness_init"
+train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist_warmup_seed1/resnet110" \
+  --config.model.name=resnet110 --config.warmup_epochs=5.12 --config.seed=1
+train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist_paperwarmup/resnet110" \
+  --config.model.name=resnet110 --config.warmup_epochs=5.12 --config.warmup_kind=constant
+python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_paperwarmup" \
+  --runs resnet110 --checkpoints 250 --batches 1 --tolerance 1e-2
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
