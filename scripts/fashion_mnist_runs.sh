@@ -9,7 +9,7 @@
 # (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
 # to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
 # figure 6 at 6,000 iterations, 6 for the warm-up runs, 11 for the two ResNet-110 runs of the
-# chase and 10 for the three 100-epoch runs.
+# chase, 4 for the last two and 10 for the three 100-epoch runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -96,6 +96,17 @@ train configs/fashion_mnist.py:degradation "$runs/degradation_fmnist_paperwarmup
   --config.model.name=resnet110 --config.warmup_epochs=5.12 --config.warmup_kind=constant
 python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_paperwarmup" \
   --runs resnet110 --checkpoints 250 --batches 1 --tolerance 1e-2
+# ResNet-56 under the paper's start to step 450, a checkpoint every 50 steps, and its
+# sharpness before and after the jump to 0.1 (about 25 min); then ResNet-110 with every
+# residual branch starting at zero, beside the zero-init ResNet-20 and -56 (about 3.5 hours).
+train configs/fashion_mnist.py:degradation "$runs/paperwarmup_r56_450/resnet56" \
+  --config.model.name=resnet56 --config.warmup_epochs=5.12 --config.warmup_kind=constant \
+  --config.checkpoint_every_steps=50 --config.num_train_steps=450
+python -m resnet_jax.experiments.sharpness --workdir "$runs/paperwarmup_r56_450" \
+  --runs resnet56 --checkpoints init,best,350,400,450 --batches 1 --tolerance 1e-2
+python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
+  --workdir "$runs/degradation_fmnist_zi" --depths 20,56,110 --kinds resnet \
+  --config.model.zero_init_residual=True
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
