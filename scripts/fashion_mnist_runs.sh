@@ -107,6 +107,8 @@ python -m resnet_jax.experiments.sharpness --workdir "$runs/paperwarmup_r56_450"
 python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:degradation \
   --workdir "$runs/degradation_fmnist_zi" --depths 20,56,110 --kinds resnet \
   --config.model.zero_init_residual=True
+python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_zi" \
+  --runs resnet110 --checkpoints init --batches 1 --tolerance 1e-2
 # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
 # 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
