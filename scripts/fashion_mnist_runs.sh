@@ -98,7 +98,7 @@ python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_p
   --runs resnet110 --checkpoints 250 --batches 1 --tolerance 1e-2
 # ResNet-56 under the paper's start to step 450, a checkpoint every 50 steps, and its
 # sharpness before and after the jump to 0.1 (about 25 min); then ResNet-110 with every
-# residual branch starting at zero, beside the zero-init ResNet-20 and -56 (about 3.5 hours).
+# residual branch starting at zero, beside the zero-init ResNet-20 and -56 (about 4 hours).
 train configs/fashion_mnist.py:degradation "$runs/paperwarmup_r56_450/resnet56" \
   --config.model.name=resnet56 --config.warmup_epochs=5.12 --config.warmup_kind=constant \
   --config.checkpoint_every_steps=50 --config.num_train_steps=450
