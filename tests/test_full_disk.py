@@ -61,6 +61,7 @@ def test_a_disk_that_fills_up_stops_the_run_with_one_line_and_the_rerun_ends_exa
     workdir = small_filesystem / "run"
     full = run_main(*_args(workdir, toy_folder), "--compilation_cache=none")
     assert full.returncode == 1, full.stderr[-3000:]
+    assert "(compilation cache off)" in full.stderr  # The first step's line says so.
     # Only the run's own INFO lines and the error: none of the libraries' tracebacks.
     lines = [line for line in full.stderr.splitlines() if line.strip()]
     assert all(line[0] in "IW" and "] " in line for line in lines[:-1]), lines[:20]
