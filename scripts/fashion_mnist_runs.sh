@@ -9,7 +9,8 @@
 # (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
 # to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
 # figure 6 at 6,000 iterations, 6 for the warm-up runs, 11 for the two ResNet-110 runs of the
-# chase, 4 for the last two and 10 for the three 100-epoch runs.
+# chase, 4 for the last two, 10 for the three 100-epoch runs and 22 to 40 for the two
+# 300-epoch runs of the anchors' recipe (minutes each on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}"
@@ -114,4 +115,12 @@ python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_z
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
   --workdir "$runs/fmnist_100ep" --variants random_erasing --seeds 0,1,2 \
   --config.num_epochs=100 --config.ema_decay=0.999
+# The anchors' own recipe (configs/fashion_mnist.py:anchor): 300 epochs, an evaluation every
+# epoch, without and with random erasing, seed 0 (11 to 20 hours each on 2 cores); then
+# every final top-1 beside its best evaluation, the anchors' measure.
+train configs/fashion_mnist.py:anchor "$runs/fmnist_anchor/baseline_seed0"
+train configs/fashion_mnist.py:anchor "$runs/fmnist_anchor/random_erasing_seed0" \
+  --config.random_erasing=0.5
+python scripts/summarize_runs.py "$runs"/fmnist_100ep/*_seed* "$runs"/fmnist_anchor/*_seed* \
+  --json_out "$runs/fmnist_anchor/summary.json"
 echo "== all runs finished ($(date -u +%FT%TZ))"

@@ -282,7 +282,7 @@ def test_every_shipped_config_is_valid():
     # Each config file, with the arguments its docstring names (file.py:ARG).
     arguments = {
         "paper_cifar10": ("20", "56", "110"),
-        "fashion_mnist": ("", "quick", "degradation", "degradation6000", "recipes"),
+        "fashion_mnist": ("", "quick", "degradation", "degradation6000", "recipes", "anchor"),
     }
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
     assert len(names) >= 11
@@ -310,6 +310,14 @@ def test_every_shipped_config_is_valid():
         assert (config.num_train_steps, tuple(config.lr_decay_steps)) == (steps, decays)
     with pytest.raises(ValueError, match="degradationN"):
         fashion_mnist.get_config("degradation6k")
+    # The 300-epoch anchors' recipe: their ResNet-20 (projection shortcuts, 272,474
+    # parameters here, test_option_b_adds_exactly_two_projections_to_resnet20), lr /10 at
+    # epochs 150 and 225, every parameter decayed, the test set evaluated every epoch.
+    anchor = fashion_mnist.get_config("anchor")
+    assert (anchor.model.name, anchor.model.shortcut, anchor.num_epochs) == ("resnet20", "B", 300)
+    assert (anchor.lr_schedule, tuple(anchor.lr_decay_epochs)) == ("piecewise", (150.0, 225.0))
+    assert (anchor.weight_decay, anchor.weight_decay_all, anchor.random_erasing) == (5e-4, True, 0)
+    assert anchor.eval_every_steps == 60_000 // anchor.batch_size
 
     imagenet = resnet50_imagenet.get_config()
     assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples

@@ -5,6 +5,7 @@ import statistics
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 
@@ -55,3 +56,23 @@ def test_groups_by_budget_with_mean_and_sample_std(tmp_path):
 def test_nothing_finished_is_an_error(tmp_path):
     result = summarize(tmp_path)
     assert result.returncode == 1 and "error: none of these workdirs" in result.stderr
+
+
+def test_best_evaluation_is_read_from_the_logs_beside_the_final_top1(tmp_path):
+    from clu import metric_writers
+
+    write_run(tmp_path / "logged", 0, 0.9510, steps=300)
+    writer = metric_writers.create_default_writer(str(tmp_path / "logged"))
+    for step, top1 in ((100, 0.9402), (200, 0.9531), (300, 0.9510)):
+        writer.write_scalars(step, {"eval_top1": top1, "train_loss": 1.0 / step})
+    writer.close()
+    write_run(tmp_path / "unlogged", 1, 0.9490, steps=300)
+    result = summarize(tmp_path / "logged", tmp_path / "unlogged")
+    assert result.returncode == 0, result.stderr
+    logged, unlogged = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
+    assert (logged["top1"], logged["best_eval_step"], logged["num_evaluations"]) == (0.9510, 200, 3)
+    assert logged["best_eval_top1"] == pytest.approx(0.9531)  # Written as float32.
+    assert (unlogged["best_eval_top1"], unlogged["best_eval_step"]) == (None, None)
+    assert "| 95.31% (200, of 3) |" in result.stdout and "| (no logs) |" in result.stdout
+    (group,) = json.loads(result.stdout.strip().splitlines()[-1])["groups"]
+    assert group["best_eval_top1_mean"] is None  # One run has no logs: no mean.
