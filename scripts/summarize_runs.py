@@ -3,10 +3,12 @@
     python scripts/summarize_runs.py runs/fmnist_resnet20_* --json_out docs/fashion_mnist/runs.json
 
 Each argument is a training workdir (its config.json and eval_results.json, which
-training writes at the end). Runs with the same model, dataset, training split and
-number of steps form a group; the table shows each run (seed, epochs, top-1 of the final
-checkpoint on the whole test split, wall time from its TensorBoard logs) and each
-group's mean and sample standard deviation. The last line printed is the JSON.
+training writes at the end). Runs with the same recipe (every setting but the seed and
+those that only decide how a run is logged, saved or fed: BOOKKEEPING) form a group; the
+table shows each run (seed, epochs, top-1 of the final checkpoint on the whole test
+split, wall time from its TensorBoard logs) and each group's mean and sample standard
+deviation, with the settings in which the groups differ. The last line printed is the
+JSON.
 
 The final checkpoint's top-1 is the figure to quote. Beside it, each run's best evaluation
 during training (the highest `eval_top1` its logs hold, and at which step) is the figure
@@ -20,6 +22,46 @@ import json
 import pathlib
 import statistics
 import sys
+
+# Settings that decide how a run is logged, saved, evaluated in batches or fed (the data
+# order is the same on every input path), not what it trains.
+BOOKKEEPING = frozenset(
+    {
+        "allow_schedule_change",
+        "checkpoint_every_steps",
+        "cpu_convolutions",
+        "data_dir",
+        "deterministic",
+        "eval_batch_size",
+        "eval_checkpoint",
+        "eval_every_steps",
+        "input",
+        "input_workers",
+        "keep_checkpoints",
+        "log_every_steps",
+        "manual_dir",
+        "profile_num_steps",
+    }
+)
+
+
+# Settings the table shows in columns of their own, left out of a group's `settings`.
+COLUMNS = ("model.name", "dataset", "num_epochs", "num_train_steps")
+
+
+def recipe(config) -> dict:
+    """The run's settings as dotted keys, less the seed and BOOKKEEPING."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", config.to_dict())
+    return {k: v for k, v in flat.items() if k != "seed" and k not in BOOKKEEPING}
 
 
 def wall_hours(workdir: pathlib.Path) -> float | None:
@@ -69,17 +111,24 @@ def read_run(workdir: pathlib.Path) -> dict:
         "best_eval_step": best_step,
         "num_evaluations": num_evaluations,
         "wall_hours": wall_hours(workdir),
+        "recipe": recipe(config),
     }
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Groups of runs with the same model, data and steps: mean and sample std of top-1."""
+    """Groups of runs with the same recipe and steps: mean and sample std of top-1.
+
+    Each group names the settings in which the groups differ (`settings`), less COLUMNS.
+    """
+    keys = sorted({k for r in runs for k in r["recipe"]})
+    differing = [k for k in keys if len({repr(r["recipe"].get(k)) for r in runs}) > 1]
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (run["model"], run["dataset"], run["train_split"], run["steps"])
+        settings = tuple((k, repr(run["recipe"].get(k))) for k in differing)
+        key = (run["model"], run["dataset"], run["train_split"], run["steps"], settings)
         groups.setdefault(key, []).append(run)
     summary = []
-    for (model, dataset, split, steps), members in sorted(groups.items()):
+    for (model, dataset, split, steps, _), members in sorted(groups.items()):
         top1 = [r["top1"] for r in members]
         best = [r["best_eval_top1"] for r in members]
         summary.append(
@@ -88,6 +137,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "dataset": dataset,
                 "train_split": split,
                 "steps": steps,
+                "settings": {k: members[0]["recipe"].get(k) for k in differing if k not in COLUMNS},
                 "num_epochs": members[0]["num_epochs"],
                 "seeds": sorted(r["seed"] for r in members),
                 "top1_mean": statistics.mean(top1),
@@ -118,15 +168,17 @@ def table(runs: list[dict], groups: list[dict]) -> str:
         )
     lines += [
         "",
-        "| model | epochs | steps | seeds | test top-1, mean | std | best evaluation, mean |",
-        "|---|---|---|---|---|---|---|",
+        "| model | settings | epochs | steps | seeds | test top-1, mean | std "
+        "| best evaluation, mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         std = f"{100 * g['top1_std']:.2f}" if g["top1_std"] is not None else "(one run)"
         best = g["best_eval_top1_mean"]
         best = f"{100 * best:.2f}%" if best is not None else "(no logs)"
+        settings = ", ".join(f"{k}={v}" for k, v in g["settings"].items()) or "(all alike)"
         lines.append(
-            f"| {g['model']} | {g['num_epochs']} | {g['steps']} | {len(g['seeds'])} | "
+            f"| {g['model']} | {settings} | {g['num_epochs']} | {g['steps']} | {len(g['seeds'])} | "
             f"{100 * g['top1_mean']:.2f}% | {std} | {best} |"
         )
     return "\n".join(lines)
@@ -143,6 +195,8 @@ def main() -> None:
     runs = [read_run(w) for w in sorted(finished)]
     groups = summarize(runs)
     print(table(runs, groups))
+    for run in runs:
+        del run["recipe"]  # Its differences are each group's settings.
     payload = {"runs": runs, "groups": groups}
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

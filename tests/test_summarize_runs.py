@@ -9,15 +9,17 @@ import pytest
 from helpers import ROOT
 
 
-def write_run(folder, seed, top1, steps=100, model="resnet20"):
+def write_run(folder, seed, top1, steps=100, model="resnet20", shortcut="A", **settings):
     folder.mkdir(parents=True)
     config = {
-        "model": {"name": model},
+        "model": {"name": model, "shortcut": shortcut},
         "dataset": "image_folder",
         "train_split": "train",
         "seed": seed,
         "num_epochs": 30.0,
         "num_train_steps": -1,
+        "data_dir": f"data/{folder.name}",  # Where a run was fed from: not its recipe.
+        **settings,
     }
     (folder / "config.json").write_text(json.dumps(config))
     results = {"top1": top1, "step": steps, "num_examples": 10000}
@@ -50,7 +52,24 @@ def test_groups_by_budget_with_mean_and_sample_std(tmp_path):
     assert full["steps"] == 100 and full["seeds"] == [0, 1, 2]
     assert full["top1_mean"] == statistics.mean((0.9512, 0.9498, 0.9530))
     assert full["top1_std"] == statistics.stdev((0.9512, 0.9498, 0.9530))
-    assert "| resnet20 | 30.0 | 100 | 3 | 95.13% | 0.16 |" in result.stdout
+    assert "| resnet20 | (all alike) | 30.0 | 100 | 3 | 95.13% | 0.16 |" in result.stdout
+
+
+def test_runs_of_another_recipe_are_another_group_named_by_what_differs(tmp_path):
+    for seed, top1 in enumerate((0.9512, 0.9498)):
+        write_run(tmp_path / f"plain{seed}", seed, top1)
+        write_run(tmp_path / f"erased{seed}", seed, top1 + 0.004, random_erasing=0.5)
+    write_run(tmp_path / "b_projection", 0, 0.9440, shortcut="B")
+    result = summarize(*sorted(tmp_path.iterdir()))
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout.strip().splitlines()[-1])["groups"]
+    assert [(g["settings"], g["seeds"]) for g in groups] == [
+        ({"model.shortcut": "A", "random_erasing": 0.0}, [0, 1]),
+        ({"model.shortcut": "A", "random_erasing": 0.5}, [0, 1]),
+        ({"model.shortcut": "B", "random_erasing": 0.0}, [0]),
+    ]
+    assert groups[1]["top1_mean"] == pytest.approx(statistics.mean((0.9552, 0.9538)))
+    assert "| resnet20 | model.shortcut=A, random_erasing=0.5 | 30.0 | 100 | 2 |" in result.stdout
 
 
 def test_nothing_finished_is_an_error(tmp_path):
