@@ -300,6 +300,7 @@ def test_every_shipped_config_is_valid():
         resnet18_large_batch,
         resnet50_imagenet,
     )
+    from resnet_jax import steps as train_steps
 
     # The degradation budget and its decays at a half and three quarters of it.
     for argument, steps, decays in (
@@ -318,6 +319,8 @@ def test_every_shipped_config_is_valid():
     assert (anchor.lr_schedule, tuple(anchor.lr_decay_epochs)) == ("piecewise", (150.0, 225.0))
     assert (anchor.weight_decay, anchor.weight_decay_all, anchor.random_erasing) == (5e-4, True, 0)
     assert anchor.eval_every_steps == 60_000 // anchor.batch_size
+    schedule = train_steps.schedule_settings(anchor, steps_per_epoch=468, num_train_steps=140_400)
+    assert (schedule["decay_steps"], schedule["decay_factor"]) == ([70_200, 105_300], 0.1)
 
     imagenet = resnet50_imagenet.get_config()
     assert imagenet.learning_rate == pytest.approx(0.4)  # 0.1 per 256 examples
