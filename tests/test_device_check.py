@@ -151,36 +151,57 @@ def test_the_check_counts_3x_the_summarys_forward_flops(net, batch, dtype, gflop
     assert counted["flop_count"] == timing.FLOP_COUNT
 
 
+# Run in a fresh interpreter: a trace holds what the whole process does and has loaded, so
+# in a test worker it would depend on the tests that ran before it there.
+TRACE_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp
+sys.path.insert(0, "scripts")
+import timing
+
+square = jax.jit(lambda x: x @ x)
+x = jnp.ones((64, 64))
+calls = []
+
+def run(count):
+    calls.append(count)
+    for _ in range(count):
+        jax.block_until_ready(square(x))
+
+def broken(count):
+    raise RuntimeError("no CUPTI")
+
+out = sys.argv[1]
+kept = timing.trace_steps(run, 3, out + "/kept")
+removed = timing.trace_steps(run, 3, out + "/removed", max_bytes=100)
+failed = timing.trace_steps(broken, 3, out + "/failed")
+print(json.dumps({"kept": kept, "removed": removed, "failed": failed, "calls": calls}))
+"""
+
+
 def test_a_trace_over_its_limit_is_retaken_with_one_step_then_dropped(tmp_path):
-    import jax
-    import jax.numpy as jnp
-
-    square = jax.jit(lambda x: x @ x)
-    x = jnp.ones((64, 64))
-    calls = []
-
-    def run(count):
-        calls.append(count)
-        for _ in range(count):
-            jax.block_until_ready(square(x))
-
-    kept = timing.trace_steps(run, 3, str(tmp_path / "kept"))
-    assert kept["trace_steps"] == 3 and 0 < kept["trace_bytes"] <= timing.TRACE_MAX_BYTES
+    probe = subprocess.run(
+        [sys.executable, "-c", TRACE_PROBE, str(tmp_path)],
+        cwd=ROOT,
+        env=main_environment(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    kept, removed, failed = result["kept"], result["removed"], result["failed"]
+    assert kept.get("trace_steps") == 3, kept
+    assert 0 < kept["trace_bytes"] <= timing.TRACE_MAX_BYTES
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "kept.trace.json.gz",
         "kept.xplane.pb",
     ]
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) == kept["trace_bytes"]
-    removed = timing.trace_steps(run, 3, str(tmp_path / "removed"), max_bytes=100)
-    assert calls == [3, 3, 1] and len(list(tmp_path.iterdir())) == 2
+    # Over the limit with 3 steps, then with 1: nothing kept, and a note says why.
+    assert result["calls"] == [3, 3, 1]
     assert set(removed) == {"trace_note"} and "over 100: not kept" in removed["trace_note"]
-
-    def broken(count):
-        raise RuntimeError("no CUPTI")
-
-    failed = timing.trace_steps(broken, 3, str(tmp_path / "failed"))
     assert failed == {"trace_note": "jax.profiler failed: RuntimeError: no CUPTI"}
-    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_parts_past_the_budget_are_skipped_and_recorded(tmp_path):
