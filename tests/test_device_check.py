@@ -17,14 +17,21 @@ import timing  # noqa: E402  (scripts/timing.py)
 TINY_FORWARD, TINY_XLA_FORWARD = 424_064, 384_926
 
 
-def _check(out, *flags, devices=1):
+def _python(*args, devices=1, timeout=300):
+    """This Python on `args` from the project's root, with `devices` simulated devices."""
     return subprocess.run(
-        [sys.executable, "scripts/device_check.py", "--tiny", f"--out={out}", *flags],
+        [sys.executable, *args],
         cwd=ROOT,
         env=main_environment(devices),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
+    )
+
+
+def _check(out, *flags, devices=1):
+    return _python(
+        "scripts/device_check.py", "--tiny", f"--out={out}", *flags, devices=devices, timeout=900
     )
 
 
@@ -131,18 +138,8 @@ def test_every_part_measures_and_an_overrunning_part_is_cut_off(tmp_path):
 )
 def test_the_check_counts_3x_the_summarys_forward_flops(net, batch, dtype, gflop):
     settings = {"tiny": False, "net": net, "batch_size": batch, "dtype": dtype}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/device_check.py",
-            "--part=flops",
-            f"--part_settings={json.dumps(settings)}",
-        ],
-        cwd=ROOT,
-        env=main_environment(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = _python(
+        "scripts/device_check.py", "--part=flops", f"--part_settings={json.dumps(settings)}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     counted = json.loads(result.stdout.strip().splitlines()[-1])
@@ -181,14 +178,7 @@ print(json.dumps({"kept": kept, "removed": removed, "failed": failed, "calls": c
 
 
 def test_a_trace_over_its_limit_is_retaken_with_one_step_then_dropped(tmp_path):
-    probe = subprocess.run(
-        [sys.executable, "-c", TRACE_PROBE, str(tmp_path)],
-        cwd=ROOT,
-        env=main_environment(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    probe = _python("-c", TRACE_PROBE, str(tmp_path))
     assert probe.returncode == 0, probe.stderr[-3000:]
     result = json.loads(probe.stdout.strip().splitlines()[-1])
     kept, removed, failed = result["kept"], result["removed"], result["failed"]

