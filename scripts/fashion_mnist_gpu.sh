@@ -52,12 +52,14 @@ start() {  # start NAME COMMAND...: in the background, its output in FOLDER/NAME
   timeout -s TERM -k 120 "$seconds" "$@" >"$folder/$name.log" 2>&1 &
   pids+=("$!")
 }
+# The 100-epoch runs, as the runner's recipes experiment makes them, less --seeds.
+recipes=("$py" -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py
+  --workdir "$folder" --variants random_erasing --config.num_epochs=100
+  --config.ema_decay=0.999 "${extra[@]}")
 pids=()
 if [[ "$stage" == seeds ]]; then
   for seed in 0 1 2; do
-    start "random_erasing_seed$seed" "$py" -m resnet_jax.experiments.recipes \
-      --config configs/fashion_mnist.py --workdir "$folder" --variants random_erasing \
-      --seeds "$seed" --config.num_epochs=100 --config.ema_decay=0.999 "${extra[@]}"
+    start "random_erasing_seed$seed" "${recipes[@]}" --seeds "$seed"
   done
 else
   start baseline_seed0 "$py" -m resnet_jax.main --config configs/fashion_mnist.py:anchor \
@@ -75,9 +77,7 @@ for log in "$folder"/*.log; do
 done
 
 if [[ "$stage" == seeds ]]; then
-  "$py" -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py --workdir "$folder" \
-    --variants random_erasing --seeds 0,1,2 --config.num_epochs=100 --config.ema_decay=0.999 \
-    "${extra[@]}" --table_only || true
+  "${recipes[@]}" --seeds 0,1,2 --table_only || true
 fi
 "$py" scripts/summarize_runs.py "$folder"/*_seed* --json_out "$folder/summary.json" \
   | grep '^|' >"$out/fashion_mnist_$stage.md" || true
