@@ -6,7 +6,8 @@ Each argument is a training workdir (its config.json and eval_results.json, whic
 training writes at the end). Runs with the same recipe (every setting but the seed and
 those that only decide how a run is logged, saved or fed: BOOKKEEPING) form a group; the
 table shows each run (seed, epochs, top-1 of the final checkpoint on the whole test
-split, wall time from its TensorBoard logs) and each group's mean and sample standard
+split, wall time: the time its processes logged, summed, so that a break between a stop and
+its resume does not count) and each group's mean and sample standard
 deviation, with the settings in which the groups differ. The last line printed is the
 JSON.
 
@@ -65,14 +66,21 @@ def recipe(config) -> dict:
 
 
 def wall_hours(workdir: pathlib.Path) -> float | None:
-    """Hours from the first to the last TensorBoard event of the run (None without logs)."""
+    """Hours the run trained: each event file's first-to-last span, summed (None without logs).
+
+    Every start of a run (each resume) writes a new event file, so the time between two
+    processes, such as a night between sessions before a resume, does not count. A process's
+    start-up before its first event and its work after its last (compiling, restoring, the
+    final evaluation and save) are left out too: the figure is a little under the truth.
+    """
     from tensorboard.backend.event_processing import event_file_loader
 
-    times = []
+    spans = []
     for path in workdir.glob("events.out.tfevents.*"):
-        for event in event_file_loader.EventFileLoader(str(path)).Load():
-            times.append(event.wall_time)
-    return (max(times) - min(times)) / 3600 if len(times) > 1 else None
+        times = [e.wall_time for e in event_file_loader.EventFileLoader(str(path)).Load()]
+        if len(times) > 1:
+            spans.append(max(times) - min(times))
+    return sum(spans) / 3600 if spans else None
 
 
 def best_evaluation(workdir: pathlib.Path) -> tuple[float | None, int | None, int]:

@@ -95,3 +95,23 @@ def test_best_evaluation_is_read_from_the_logs_beside_the_final_top1(tmp_path):
     assert "| 95.31% (200, of 3) |" in result.stdout and "| (no logs) |" in result.stdout
     (group,) = json.loads(result.stdout.strip().splitlines()[-1])["groups"]
     assert group["best_eval_top1_mean"] is None  # One run has no logs: no mean.
+
+
+def test_wall_time_sums_each_process_and_leaves_out_the_break_before_a_resume(tmp_path):
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    write_run(tmp_path / "resumed", 0, 0.9510, steps=300)
+    start = 1_800_000_000.0
+    # One event file per process: 1.5 h of training, a 10-hour break, then 0.5 h more.
+    for name, hours in (("first", (0.0, 0.75, 1.5)), ("resumed", (11.5, 12.0))):
+        with open(tmp_path / "resumed" / f"events.out.tfevents.{name}", "wb") as f:
+            writer = RecordWriter(f)
+            for step, h in enumerate(hours):
+                event = event_pb2.Event(wall_time=start + 3600 * h, step=step)
+                writer.write(event.SerializeToString())
+    result = summarize(tmp_path / "resumed")
+    assert result.returncode == 0, result.stderr
+    (run,) = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
+    assert run["wall_hours"] == pytest.approx(2.0)
+    assert "| 2.00 h |" in result.stdout
