@@ -165,6 +165,30 @@ def test_loader_example_needs_jax_alone_and_agrees_with_predict(exported, images
         )
 
 
+@pytest.mark.parametrize("image_size,resize_size", [(16, 0), (16, 16), (16, 19), (15, 22)])
+def test_loader_prepares_each_image_as_evaluation_does(tmp_path, image_size, resize_size):
+    # The loader repeats data.read_image's geometry so that it needs no resnet_jax code; the
+    # checkpoints above are CIFAR-sized (resize_size 0), so the ImageNet-style resize of
+    # the shorter side and central crop is compared here, on portrait, landscape and
+    # square images, one of them stored sideways with an EXIF rotation.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_stablehlo", LOADER)
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    rng = np.random.default_rng(5)
+    for i, (width, height) in enumerate([(37, 23), (23, 37), (24, 24), (16, 40), (61, 16)]):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+        path = tmp_path / f"{i}.png"
+        exif = image.getexif()
+        if i == 0:
+            exif[0x0112] = 6  # Orientation: rotated 90 degrees.
+        image.save(path, exif=exif)
+        expected = data.read_image(path, image_size, resize_size)
+        assert expected.shape == (image_size, image_size, 3)
+        np.testing.assert_array_equal(loader.prepare(path, image_size, resize_size), expected)
+
+
 def test_command_as_the_readme_gives_it_and_its_errors(tmp_path):
     workdir = tmp_path / "run"
     save_run(workdir, "resnet8", 16, width_multiplier=0.25)
