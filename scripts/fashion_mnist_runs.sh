@@ -9,7 +9,7 @@
 # (scripts/export_idx.py, see configs/fashion_mnist.py). On a 2-core EPYC VM: about 6 hours
 # to the DenseNet run (the three 30-epoch runs take about an hour each), then about 6 for
 # figure 6 at 6,000 iterations, 6 for the warm-up runs, 11 for the two ResNet-110 runs of the
-# chase, 4 for the last two, 10 for the three 100-epoch runs and 22 to 40 for the two
+# chase, 4 for the last two, 10 to 20 for the three 100-epoch runs and 22 to 40 for the two
 # 300-epoch runs of the anchors' recipe (minutes each on a GPU: scripts/fashion_mnist_gpu.sh
 # runs the 100-epoch seeds and the anchor runs at once on one GPU).
 set -euo pipefail
@@ -111,8 +111,9 @@ python -m resnet_jax.experiments.degradation --config configs/fashion_mnist.py:d
   --config.model.zero_init_residual=True
 python -m resnet_jax.experiments.sharpness --workdir "$runs/degradation_fmnist_zi" \
   --runs resnet110 --checkpoints init --batches 1 --tolerance 1e-2
-# ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (about
-# 3.3 hours each on 2 cores): the goal is the best 300-epoch anchor, 95.55%.
+# ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (3.3 hours
+# each at 500 images/s; seed 0 ran at 250-350 images/s on a 2-core EPYC in December 2026,
+# 5 to 7 hours): the goal is the best 300-epoch anchor, 95.55%.
 python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
   --workdir "$runs/fmnist_100ep" --variants random_erasing --seeds 0,1,2 \
   --config.num_epochs=100 --config.ema_decay=0.999
