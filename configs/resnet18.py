@@ -8,7 +8,7 @@ linear warmup then cosine decay, weight decay 5e-4 (not on BN and biases), label
 smoothing 0.1, pad-4 crop + flip. The comparable public result is 75.61% top-1
 (weiaicunzai/pytorch-cifar100, step schedule, best epoch picked on the test set); this
 recipe aims at >= 76% top-1 from the final checkpoint.
-Time: 78,200 steps of 128 images, 10 million in all. A 2-core Xeon VM ran the step and the
+Time: 78,000 steps of 128 images (390 an epoch), 10 million in all. A 2-core Xeon VM ran the step and the
 loop at 43 to 50 images/s (docs/benchmarks.md): about 2.5 days. One H200 ran the float32
 step at 44,311 images/s at batch 1024 (docs/benchmarks.md): about 4 minutes of steps; batch
 128 itself was not measured there and is slower per image.

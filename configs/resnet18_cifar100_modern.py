@@ -18,7 +18,7 @@ test-time augmentation for a separate evaluation afterwards:
 What we expect: >= 80% top-1 from the final checkpoint (raw weights), from the F-SAM
 figure above; the public logs of the other modern recipes for this net are CutMix 78.17%
 and mixup 79.12% (openmixup, 800 epochs).
-Time: SAM takes two gradients per step, so twice configs/resnet18.py's 78,200 steps of
+Time: SAM takes two gradients per step, so twice configs/resnet18.py's 78,000 steps of
 compute: hours on one accelerator chip, far out of reach of a CPU.
 """
 
