@@ -130,9 +130,14 @@ def evaluations(workdir_name):
 
 
 def test_summary_commands(user_dir):
+    # torchvision's ResNet-18 with a CIFAR stem and 100 classes; the DenseNet-BC paper's 0.8M.
+    expected = {"configs/resnet18.py": 11_220_132, "configs/densenet_bc100.py": 800_032}
+    found = {}
     for args in (c for c in COMMANDS if "--mode=summary" in c):
         result = run_as_written(args, user_dir)
-        assert json.loads(result.stdout.strip().splitlines()[-1])["total_params"] > 0
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        found[args[args.index("--config") + 1]] = summary["total_params"]
+    assert found == expected
 
 
 def test_train_resume_evaluate_and_predict_commands(user_dir, cifar, toy_folder):
@@ -387,7 +392,12 @@ def test_fashion_mnist_commands(user_dir, tmp_path):
     rows = json.loads((root / "recipes.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["baseline", "cutout"]
     assert rows[1]["changes"] == {"cutout_size": 14}  # Half of the 28-pixel side.
-    assert all(0 <= r["flip_top1"] <= 1 and r["ema_top1"] is not None for r in rows)
+    assert all(r["ema_top1"] is not None for r in rows)
+    for r in rows:  # The flip TTA column is each run's flip evaluation of its final step.
+        flipped = root / f"{r['variant']}_seed0" / "evaluations" / "step_4_flip.json"
+        evaluation = json.loads(flipped.read_text())
+        assert evaluation["flip"] and evaluation["num_examples"] == 30
+        assert r["flip_top1"] == evaluation["top1"]
     assert "| cutout |" in (root / "recipes.md").read_text()
 
 

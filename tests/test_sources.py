@@ -142,6 +142,12 @@ def test_cifar100_resized(cifar, train_split):
     data = sources.load_split(config, "train", process_index=1, process_count=2)
     assert data.images.shape == (125, 40, 40, 3) and data.images.dtype == np.uint8
     np.testing.assert_array_equal(data.labels, train_split.labels[125:])
+    # Each slot holds its own image (the resize runs on several threads), resized by PIL.
+    expected = [
+        np.asarray(Image.fromarray(image).resize((40, 40), Image.Resampling.BILINEAR))
+        for image in train_split.images[125:]
+    ]
+    np.testing.assert_array_equal(data.images, np.stack(expected))
 
 
 def test_num_classes_of_the_built_in_datasets():
@@ -344,6 +350,13 @@ def test_image_folder_with_eval_resize_size(image_folder):
     )
     test = sources.load_split(config, "test", process_index=0, process_count=1)
     assert test.images.shape == (6, 24, 24, 3)
+    # Each file's central 24 px of its 28 px resize (not the whole image squeezed to 24).
+    listing = folders.list_image_folder(config, "test")
+    expected = [folders.read_image(listing.path(i), 24, 28) for i in range(6)]
+    squeezed = [folders.read_image(listing.path(i), 24) for i in range(6)]
+    np.testing.assert_array_equal(test.images, np.stack(expected))
+    np.testing.assert_array_equal(test.labels, listing.labels)
+    assert not np.array_equal(test.images, np.stack(squeezed))
     bad = default.get_config()
     bad.image_size, bad.eval_resize_size = 24, 20
     with pytest.raises(config_checks.ConfigError, match="eval_resize_size=20 must be 0"):
