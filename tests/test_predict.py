@@ -66,8 +66,8 @@ def run_predict(*args):
 
 
 def test_many_files_in_batches_with_progress(run, tmp_path):
-    workdir, _, _ = run
-    write_images(tmp_path / "many" / "sub", 45)
+    workdir, config, state = run
+    paths = write_images(tmp_path / "many" / "sub", 45)
     (tmp_path / "many" / "notes.txt").write_text("not an image, and not picked up")
     result = run_predict(f"--workdir={workdir}", "--json", "--batch_size=8", tmp_path / "many")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,6 +77,15 @@ def test_many_files_in_batches_with_progress(run, tmp_path):
     ]
     assert all(len(line["top5"]) == 3 for line in lines)  # Only 3 classes to rank.
     assert "predict: 45/45 images (100%)" in result.stderr
+    # Batches of 8 (the last one of 5) give each image what all 45 at once give.
+    mean, std = data.normalization(config)
+    images = np.stack([data.read_image(p, config.image_size) for p in paths])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = state.apply_fn(variables, data.normalize(images, mean, std), train=False)
+    probs = np.asarray(jax.nn.softmax(logits))
+    for line, row in zip(lines, probs, strict=True):
+        assert [e["class"] for e in line["top5"]] == [CLASSES[i] for i in np.argsort(-row)]
+        np.testing.assert_allclose([e["prob"] for e in line["top5"]], np.sort(row)[::-1], atol=1e-5)
 
 
 def test_bad_input_is_one_clear_error(run, tmp_path):

@@ -319,6 +319,7 @@ def test_training_continues_from_imported_weights(toy_folder, tmp_path):
     model = tm.ResNet(tm.BasicBlock, (1, 1, 1), 10, "cifar", (4, 8, 16), option_a=True)
     path = save_state_dict(randomized(model, 3), tmp_path / "r8.pth")
     import_torch.import_state_dict("resnet8", str(path), str(tmp_path / "run"))
+    imported = evaluate.load_trained_model(str(tmp_path / "run")).variables
     result = run_main(
         f"--config=configs/from_workdir.py:{tmp_path / 'run'}",
         f"--workdir={tmp_path / 'run'}",
@@ -328,10 +329,30 @@ def test_training_continues_from_imported_weights(toy_folder, tmp_path):
         "--config.batch_size=16",
         "--config.eval_batch_size=24",
         "--config.profile_num_steps=0",
+        "--config.learning_rate=1e-9",  # Steps too small to move the weights visibly.
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting from the weights imported from" in result.stderr
     assert json.loads((tmp_path / "run" / "eval_results.json").read_text())["step"] == 2
+    # Training started from the imported weights (a fresh initialisation would be far off)
+    # and trained: the BatchNorm statistics moved with the two batches.
+    trained = evaluate.load_trained_model(str(tmp_path / "run"))
+    assert trained.step == 2
+    for a, b in zip(
+        jax.tree.leaves(imported["params"]),
+        jax.tree.leaves(trained.variables["params"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(imported["batch_stats"]),
+            jax.tree.leaves(trained.variables["batch_stats"]),
+            strict=True,
+        )
+    ]
+    assert all(moved)
 
 
 @pytest.mark.parametrize(
