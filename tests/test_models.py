@@ -192,11 +192,16 @@ def test_train_mode_updates_batch_stats_with_the_configured_momentum():
 
 def test_batch_norm_epsilon_is_used():
     x = images()
-    outputs = []
     for epsilon in (1e-5, 10.0):
         model = small_model(bn_epsilon=epsilon)
-        outputs.append(model.apply(model.init(jax.random.key(0), x), x))
-    assert not np.allclose(outputs[0], outputs[1])
+        variables = model.init(jax.random.key(0), x)
+        _, state = model.apply(
+            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
+        conv1_out = state["intermediates"]["conv1"]["__call__"][0]
+        bn1_out = state["intermediates"]["bn1"]["__call__"][0]
+        # Initial statistics (mean 0, variance 1), scale 1, bias 0: x / sqrt(1 + epsilon).
+        np.testing.assert_allclose(bn1_out, conv1_out / np.sqrt(1 + epsilon), rtol=1e-5, atol=1e-6)
 
 
 def test_zero_init_residual_makes_each_block_start_as_the_identity():
