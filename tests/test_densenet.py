@@ -175,6 +175,87 @@ def test_one_train_step_moves_params_and_batch_stats():
     assert all(jax.tree.leaves(moved))  # Every parameter and every BN statistic.
 
 
+def densenet_in_numpy(variables, images, epsilon, train):
+    """DenseNet-BC written out from the paper's definition in numpy: the layer order (BN,
+    ReLU, conv), each concatenation's order, the transitions and the head, independently
+    of flax. With `train`, BatchNorm uses the batch's statistics (biased variance)."""
+    params, stats = variables["params"], variables["batch_stats"]
+
+    def bn(x, p, s):
+        if train:
+            mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        else:
+            mean, var = s["mean"], s["var"]
+        return (x - mean) / np.sqrt(var + epsilon) * p["scale"] + p["bias"]
+
+    def conv(x, kernel):  # Stride 1, zero padding of size // 2 on every side (HWIO kernel).
+        size = kernel.shape[0]
+        pad = size // 2
+        padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        height, width = x.shape[1:3]
+        out = 0.0
+        for i in range(size):
+            for j in range(size):
+                window = padded[:, i : i + height, j : j + width, :]
+                out = out + np.einsum("nhwc,co->nhwo", window, kernel[i, j])
+        return out
+
+    def relu(x):
+        return np.maximum(x, 0.0)
+
+    x = conv(images, params["conv1"]["kernel"])
+    for block in (1, 2, 3):
+        features = [x]
+        layer = 0
+        while f"block{block}_layer{layer}" in params:
+            name = f"block{block}_layer{layer}"
+            p, s = params[name], stats[name]
+            y = relu(bn(np.concatenate(features, -1), p["bn1"], s["bn1"]))
+            y = conv(y, p["conv1"]["kernel"])
+            y = conv(relu(bn(y, p["bn2"], s["bn2"])), p["conv2"]["kernel"])
+            features.append(y)
+            layer += 1
+        x = np.concatenate(features, -1)
+        if block < 3:
+            p, s = params[f"transition{block}"], stats[f"transition{block}"]
+            x = conv(relu(bn(x, p["bn"], s["bn"])), p["conv"]["kernel"])
+            n, h, w, c = x.shape
+            x = x.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4))
+    x = relu(bn(x, params["bn_final"], stats["bn_final"])).mean((1, 2))
+    return x @ params["fc"]["kernel"] + params["fc"]["bias"]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_outputs_equal_a_numpy_densenet_written_from_the_paper(train):
+    # Two layers a block, so each concatenation's order matters; random BN scales, biases and
+    # statistics, so that a BatchNorm out of place or a ReLU left out changes the logits.
+    epsilon = 1e-3
+    model = create_model(
+        model_config("densenet16", growth_rate=4, bn_epsilon=epsilon), num_classes=5
+    )
+    images = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    variables = jax.device_get(model.init(jax.random.key(0), images))
+    rng = np.random.default_rng(1)
+
+    def randomize(path, x):
+        key = jax.tree_util.keystr(path)
+        if "var" in key:
+            return rng.uniform(0.5, 1.5, x.shape).astype(np.float32)
+        if any(name in key for name in ("mean", "scale", "bias")):
+            return rng.uniform(-0.5, 1.0, x.shape).astype(np.float32)
+        return np.asarray(x)
+
+    variables = jax.tree_util.tree_map_with_path(randomize, variables)
+    with jax.default_matmul_precision("highest"):
+        if train:
+            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        else:
+            logits = model.apply(variables, images, train=False)
+    expected = densenet_in_numpy(variables, images.astype(np.float64), epsilon, train)
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("half_precision", [False, True])
 def test_dtypes(half_precision):
     # Shapes and dtypes only (eval_shape): nothing to compile.
