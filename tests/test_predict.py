@@ -46,13 +46,16 @@ def test_classifies_as_the_evaluation_preprocesses(run, tmp_path):
     assert classifier.step == 5 and classifier.class_names == CLASSES
     tops = classifier.classify(np.stack([classifier.read(p) for p in paths]), batch_size=4)
 
-    # The evaluation's path: the image-folder reader, the pipeline's normalisation, the model.
-    mean, std = data.normalization(config)
-    images = np.stack([data.read_image(p, config.image_size) for p in paths])
+    # The expected input built without our data code: PIL's bilinear resize of the whole
+    # image to 20 x 20, then ImageNet's published mean and std (an image folder's).
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    pixels = [
+        np.asarray(Image.open(p).convert("RGB").resize((20, 20), Image.Resampling.BILINEAR))
+        for p in paths
+    ]
+    inputs = ((np.stack(pixels) / 255.0 - mean) / std).astype(np.float32)
     logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        data.normalize(images, mean, std),
-        train=False,
+        {"params": state.params, "batch_stats": state.batch_stats}, inputs, train=False
     )
     probs = np.asarray(jax.nn.softmax(logits))
     for top, row in zip(tops, probs, strict=True):
