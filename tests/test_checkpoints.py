@@ -482,7 +482,23 @@ def test_a_checkpoint_holds_what_resuming_needs(reference_run):
     arrays = final_arrays(reference_run)
     assert set(arrays["model"]) == {"params", "batch_stats"}
     assert int(arrays["optimizer"]["step"]) == STEPS
-    assert jax.tree.leaves(arrays["optimizer"]["opt_state"])  # Momentum buffers.
+
+    # SGD's momentum: one buffer per parameter, of its shape, moved by the training.
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+    params = {
+        names(path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(arrays["model"]["params"])[0]
+    }
+    momentum = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(arrays["optimizer"]["opt_state"])[0]:
+        keys = names(path)
+        if "trace" in keys:
+            momentum[keys[keys.index("trace") + 1 :]] = leaf
+    assert sorted(momentum) == sorted(params) and len(params) > 10
+    assert all(momentum[k].shape == params[k].shape for k in params)
+    assert all(np.abs(momentum[k]).max() > 0 for k in params)
 
 
 def test_a_resume_that_would_change_the_schedule_is_refused_unless_allowed(toy_folder, tmp_path):
