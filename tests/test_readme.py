@@ -280,6 +280,10 @@ def test_imagenet_recipe_command_streams(user_dir, toy_folder):
     assert "stream input" in result.stderr
     results = json.loads((user_dir / "runs" / "resnet50" / "eval_results.json").read_text())
     assert results["num_examples"] == 63 and results["step"] == 4
+    # The recipe's own settings ran (those the command above did not override).
+    config = json.loads((user_dir / "runs" / "resnet50" / "config.json").read_text())
+    assert config["augment"] == "random_resized_crop" and config["half_precision"] is True
+    assert config["label_smoothing"] == 0.1 and config["eval_resize_size"] == 20
 
 
 def test_import_predict_and_evaluate_commands(user_dir, toy_folder):
