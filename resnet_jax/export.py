@@ -371,14 +371,25 @@ def metadata(
 
 
 def _claim_out(out: pathlib.Path, overwrite: bool) -> None:
-    """Refuses an --out that holds something, unless `overwrite`."""
+    """Refuses an --out that holds something, unless `overwrite` and it is an earlier export.
+
+    --overwrite replaces the whole folder, so it only ever replaces an export (a folder
+    with model.json): never a run's workdir, a folder of runs or the current folder.
+    """
     if out.is_file() or out.is_symlink():
         raise ExportError(f"--out={out} is a file or a link; give a folder to create.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(
-            f"--out={out} already exists and is not empty. Choose another folder, or pass "
-            "--overwrite to replace it (once the new export has passed its check)."
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(
+                f"--out={out} already exists and is not empty. Choose another folder, or pass "
+                "--overwrite to replace it (once the new export has passed its check)."
+            )
+        if not (out / METADATA).is_file():
+            raise ExportError(
+                f"--out={out} is not an earlier export (it has no {METADATA}), so --overwrite "
+                "will not replace it: it may hold a run or other files. Nothing was changed; "
+                "choose a new folder for the export."
+            )
 
 
 def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 
@@ -260,6 +261,28 @@ def test_failed_check_keeps_the_previous_export(exported, monkeypatch, tmp_path)
         export.export(str(workdir), "latest", ["stablehlo"], out, overwrite=True)
     assert (out / "model.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["served"]
+
+
+def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path):
+    # --overwrite into the run's own workdir (or a folder of runs) would have deleted it.
+    workdir = tmp_path / "runs" / "run"
+    shutil.copytree(exported[0], workdir)
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    for out in (workdir, workdir.parent):
+        result = run_module(
+            "resnet_jax.export",
+            f"--workdir={workdir}",
+            "--format=stablehlo",
+            f"--out={out}",
+            "--overwrite",
+        )
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: --out={out} is not an earlier export (it has no model.json), so "
+            "--overwrite will not replace it: it may hold a run or other files. Nothing was "
+            "changed; choose a new folder for the export."
+        )
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
 
 def test_serving_benchmark_times_every_format(exported, tmp_path, monkeypatch, capsys):
