@@ -669,7 +669,7 @@ def select_step(manager: ocp.CheckpointManager, which: str) -> int:
         if not candidates:
             raise CheckpointError(
                 f"No checkpoint in {manager.directory} has eval metrics to pick the best by. "
-                f"Use --config.eval_checkpoint=latest or a step ({steps})."
+                f"Ask for latest or one of its steps ({steps}) instead of best."
             )
         return max(candidates)[1]
     if int(which) not in steps:

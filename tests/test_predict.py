@@ -97,7 +97,10 @@ def test_bad_input_is_one_clear_error(run, tmp_path):
     empty = run_predict(f"--workdir={tmp_path / 'none'}", image)
     assert empty.returncode == 1 and "error: No checkpoint in" in empty.stderr
     best = run_predict(f"--workdir={workdir}", "--checkpoint=best", image)
-    assert best.returncode == 1 and "has eval metrics to pick the best by" in best.stderr
+    assert best.returncode == 1 and best.stderr.strip().splitlines()[-1] == (
+        f"error: No checkpoint in {workdir / 'checkpoints'} has eval metrics to pick the best "
+        "by. Ask for latest or one of its steps ([5]) instead of best."
+    )
     missing = run_predict(f"--workdir={workdir}", "--checkpoint=7", image)
     assert missing.returncode == 1 and "No checkpoint step 7" in missing.stderr
     (tmp_path / "nothing").mkdir()
