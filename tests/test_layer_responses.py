@@ -194,3 +194,9 @@ def test_a_missing_run_is_one_line(experiment):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: No run plain20 in {root}"), last
     assert "--runs" in last
+    result = run_command(f"--workdir={root}", "--checkpoint=lastest")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: flag --checkpoint=lastest: must be latest, best or a step number (see --help "
+        "for the flags)."
+    )

@@ -139,3 +139,18 @@ def test_a_bad_tolerance_is_one_line(measured):
     assert result.returncode != 0
     assert "--tolerance=2.0: give a number in (0, 1)." in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_misspelt_checkpoint_is_refused_before_any_measurement(measured):
+    root, _, _, _ = measured
+    result = run_module(
+        "resnet_jax.experiments.sharpness",
+        f"--workdir={root}",
+        "--checkpoints=init,lastest",
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: flag --checkpoints=['init', 'lastest']: each must be init, latest, best or a "
+        "step number (see --help for the flags)."
+    )

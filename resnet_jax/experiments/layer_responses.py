@@ -68,7 +68,7 @@ def define_flags() -> None:
     flags.DEFINE_list(
         "runs", None, "Runs (subfolders of --workdir); default: every plain<d>/resnet<d>."
     )
-    flags.DEFINE_string("checkpoint", "latest", "Checkpoint of each run: latest, best or a step.")
+    cli.define_checkpoint_flag("Checkpoint of each run: latest, best or a step.")
     flags.DEFINE_integer(
         "gradient_batches", 4, "First training batches the gradient norms average over."
     )

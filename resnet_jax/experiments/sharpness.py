@@ -56,6 +56,13 @@ def define_flags() -> None:
         ["init", "latest"],
         "Points of each run: init (training's initialisation), latest, best or a step.",
     )
+    flags.register_validator(
+        "checkpoints",
+        lambda points: (
+            bool(points) and all(p in ("init", "latest", "best") or p.isdigit() for p in points)
+        ),
+        message="each must be init, latest, best or a step number",
+    )
     flags.DEFINE_integer("batches", 2, "First training batches the loss averages over.")
     flags.DEFINE_float("tolerance", 1e-3, "Relative accuracy the eigenvalue is iterated to.")
     flags.DEFINE_integer(
