@@ -90,11 +90,20 @@ def _initialize_distributed() -> None:
     # that processes can reach in different orders. Its other kind waits on the
     # coordination service jax.distributed starts (no XLA program, and with a timeout).
     FLAGS.experimental_orbax_use_distributed_barrier = True
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    except (ValueError, RuntimeError) as e:
+        reason = str(e).strip().rstrip(".")
+        raise cli.FlagError(
+            f"--distributed could not start jax.distributed ({reason}). On a TPU VM "
+            "or a SLURM job jax finds the processes itself; elsewhere give every process "
+            "--coordinator_address=HOST:PORT (process 0's) --num_processes=N --process_id=I, "
+            "or leave out --distributed for one process."
+        ) from e
     logging.info(
         "Process %d of %d; %d local of %d devices.",
         jax.process_index(),

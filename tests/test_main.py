@@ -93,6 +93,22 @@ def test_unknown_dataset_fails_fast():
     assert "cifar100" in result.stderr and "image_folder" in result.stderr
 
 
+def test_distributed_without_a_coordinator_is_one_line_and_writes_nothing(tmp_path):
+    # On a machine where jax cannot find the processes itself (not a TPU VM or SLURM job).
+    workdir = tmp_path / "run"
+    result = run_main("--config", "configs/smoke.py", f"--workdir={workdir}", "--distributed")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    # jax's own reason (today "coordinator_address should be defined") in the parentheses.
+    assert last.startswith("error: --distributed could not start jax.distributed ("), last
+    assert last.endswith(
+        "). On a TPU VM or a SLURM job jax finds the processes itself; elsewhere give "
+        "every process --coordinator_address=HOST:PORT (process 0's) --num_processes=N "
+        "--process_id=I, or leave out --distributed for one process."
+    )
+    assert not workdir.exists()
+
+
 def test_runs_from_any_working_directory(tmp_path):
     result = run_main(
         "--config",
