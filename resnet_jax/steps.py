@@ -301,6 +301,33 @@ def schedule_settings(
     return settings
 
 
+def schedule_warnings(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> list[str]:
+    """What of the learning-rate schedule a run of `num_train_steps` never reaches.
+
+    A recipe's decays and warmup are set for its own budget; a shorter run (fewer epochs
+    or steps on the command line) keeps them unless they are changed too.
+    """
+    settings = schedule_settings(config, steps_per_epoch, num_train_steps)
+    warnings = []
+    late = [step for step in settings.get("decay_steps", []) if step >= num_train_steps]
+    if late:
+        key = "lr_decay_steps" if config.lr_schedule == "multistep" else "lr_decay_epochs"
+        warnings.append(
+            f"The learning rate's decays at steps {late} come at or after the run's end "
+            f"(step {num_train_steps}), so the rate is never divided there: set "
+            f"--config.{key} to fit the budget if that is not meant."
+        )
+    if settings["warmup_steps"] >= num_train_steps:
+        warnings.append(
+            f"The warmup ({settings['warmup_steps']} steps) lasts the whole run of "
+            f"{num_train_steps} steps, so the rate never reaches learning_rate: lower "
+            "--config.warmup_epochs if that is not meant."
+        )
+    return warnings
+
+
 def create_learning_rate_fn(
     config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
 ) -> optax.Schedule:

@@ -237,9 +237,13 @@ def _train_and_evaluate(
     state, same_data = checkpointing.resume(manager, state, run_meta, config)
     start_step = int(state.step)
 
+    # A recipe that fixes num_train_steps (the paper's 64k) ignores num_epochs: say so.
+    budget = ""
+    if config.num_train_steps > 0:
+        budget = "; num_train_steps sets the budget, num_epochs is not used"
     logging.info(
-        "Training %s on %s: %d examples, %d classes, steps %d to %d (%d per epoch), global "
-        "batch %d over %d devices in %d processes, %s input.",
+        "Training %s on %s: %d examples, %d classes, steps %d to %d (%d per epoch, %.1f "
+        "epochs%s), global batch %d over %d devices in %d processes, %s input.",
         config.model.name,
         config.dataset,
         inputs.train.num_examples,
@@ -247,11 +251,15 @@ def _train_and_evaluate(
         start_step,
         num_steps,
         steps_per_epoch,
+        num_steps / steps_per_epoch,
+        budget,
         config.batch_size,
         mesh.devices.size,
         jax.process_count(),
         inputs.mode,
     )
+    for warning in steps.schedule_warnings(config, steps_per_epoch, num_steps):
+        logging.warning(warning)
     evaluate.write_json(workdir / "config.json", config.to_dict())
     # TensorBoard only: the loop logs its own one line per log step (resnet_jax.progress)
     # where the default writer's logging part would print one line per scalar group.
