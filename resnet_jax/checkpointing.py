@@ -581,12 +581,21 @@ def resume(
 
     Raises:
       CheckpointError: as `restore_for_resume`.
-      config_checks.ConfigError: the schedule changed and `allow_schedule_change` is off;
-        the message names the config keys that changed it.
+      config_checks.ConfigError: the schedule changed and `allow_schedule_change` is off
+        (the message names the config keys that changed it), or the run keeps a moving
+        average of its weights that this config would drop.
     """
     state, meta = restore_for_resume(manager, state)
     if meta is None:
         return state, False
+    saved_ema = (meta.get("config") or {}).get("ema_decay", 0.0)
+    if saved_ema and not config.ema_decay:
+        raise config_checks.ConfigError(
+            f"The checkpoint at step {meta['step']} in {manager.directory} keeps a moving "
+            f"average of the weights (ema_decay={saved_ema}), which this config "
+            "(ema_decay=0) would leave out of every later checkpoint. Rerun with "
+            f"--config.ema_decay={saved_ema}, as the run was started. Nothing was changed."
+        )
     saved, now = meta.get("schedule", run_meta["schedule"]), run_meta["schedule"]
     if saved != now:
         if not config.allow_schedule_change:

@@ -13,6 +13,7 @@ from helpers import save_trained, tiny_state
 from configs import smoke
 from resnet_jax import (
     checkpointing,
+    config_checks,
     data,
     evaluate,
     export,
@@ -268,6 +269,24 @@ def test_ema_asked_of_a_run_without_one_is_a_clear_error(toy_folder, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no moving average"):
         train.train_and_evaluate(resumed, str(tmp_path))
     assert checkpointing.complete_steps(tmp_path) == [0]
+
+
+def test_a_rerun_without_the_runs_ema_is_refused_and_changes_nothing(ema_run, tmp_path):
+    # The usual way to lose it: a preempted run rerun without its --config.ema_decay.
+    workdir = tmp_path / "run"
+    shutil.copytree(ema_run[0], workdir)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    resumed = ema_run[1].copy_and_resolve_references()
+    resumed.ema_decay = 0.0
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.train_and_evaluate(resumed, str(workdir))
+    assert str(error.value) == (
+        f"The checkpoint at step 24 in {workdir / 'checkpoints'} keeps a moving average of "
+        "the weights (ema_decay=0.9), which this config (ema_decay=0) would leave out of "
+        "every later checkpoint. Rerun with --config.ema_decay=0.9, as the run was started. "
+        "Nothing was changed."
+    )
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
 
 
 def test_recipe_ablation_trains_each_variant_and_seed_once_and_tabulates_them(toy_folder, tmp_path):
