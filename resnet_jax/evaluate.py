@@ -308,10 +308,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         dataset=config.dataset,
     )
     path = workdir / EVALUATIONS_DIR / evaluation_name(step, config)
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
-    logging.info(
-        "Evaluation of checkpoint step %d: %s (written to %s)", step, rounded(results), path
-    )
+    try:
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, results)
+        where = f"written to {path}"
+    except OSError as e:  # A run folder one may read but not write (shared, read-only).
+        where = f"not saved: cannot write {path} ({e.strerror or e})"
+        logging.warning("The evaluation is printed only: %s.", where)
+    logging.info("Evaluation of checkpoint step %d: %s (%s)", step, rounded(results), where)
     return results

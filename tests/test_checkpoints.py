@@ -284,6 +284,14 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     assert f"No checkpoint step 7 in {workdir / 'checkpoints'}. Available steps: {steps}" in (
         missing.stderr
     )
+    # A run folder the evaluation cannot write to (here a file in the way of evaluations/;
+    # a read-only folder for a user, which root ignores): the result is printed all the same.
+    shutil.rmtree(workdir / "evaluations")
+    (workdir / "evaluations").write_text("in the way")
+    result = run_main(*eval_args(workdir, toy_folder, f"--config.eval_checkpoint={steps[0]}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == steps[0]
+    assert "The evaluation is printed only: not saved: cannot write" in result.stderr
 
 
 # In-process tests of the checkpoint module on a tiny state.
