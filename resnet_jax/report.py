@@ -341,13 +341,20 @@ def write_report(
 
 
 def _run() -> None:
-    from resnet_jax import checkpointing, data, defaults
+    from resnet_jax import checkpointing, config_checks, data, defaults
 
     workdir = checkpointing.absolute_workdir(FLAGS.workdir)
     if not workdir.is_dir():
         raise ReportError(f"--workdir {FLAGS.workdir} is not a directory.")
     out = pathlib.Path(FLAGS.out) if FLAGS.out else pathlib.Path(workdir) / "report"
     _require_logs(pathlib.Path(workdir))
+    try:  # Before the evaluation, so that it is not lost for want of a place to write.
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(
+            f"Cannot write the report to {out} ({e.strerror or e}): choose a folder you can "
+            "write with --out=DIR."
+        ) from e
     config = None
     if not FLAGS.curves_only:
         config = FLAGS.config
@@ -360,6 +367,7 @@ def _run() -> None:
             config = defaults.from_workdir(str(workdir))
         if FLAGS.flip is not None:
             config.eval_flip = FLAGS.flip
+        config_checks.validate(config)
         data.hide_accelerators_from_tensorflow()
     summary = write_report(
         pathlib.Path(workdir), out, config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.weights

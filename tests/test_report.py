@@ -127,6 +127,25 @@ def test_bad_input_is_one_line(tmp_path, trained):
         "error: flag --checkpoint=lastest: must be latest, best or a step number (see --help "
         "for the flags)."
     ]
+    # An --out that cannot be a folder: said before anything is evaluated.
+    (tmp_path / "taken.md").write_text("not a folder")
+    result = run_report("--workdir", str(workdir), f"--out={tmp_path / 'taken.md'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: Cannot write the report to {tmp_path / 'taken.md'} (File exists): choose a "
+        "folder you can write with --out=DIR."
+    )
+    # A bad value in the evaluation's config is refused as training refuses it.
+    result = run_report(
+        "--workdir",
+        str(workdir),
+        f"--config=configs/from_workdir.py:{workdir}",
+        "--config.input=devce",
+        f"--out={tmp_path / 'r2'}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "input" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    assert "devce" in result.stderr.strip().splitlines()[-1]
     # Curves alone need no checkpoint and no dataset.
     summary = report.write_report(workdir, tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
