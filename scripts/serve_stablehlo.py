@@ -53,10 +53,23 @@ def main() -> None:
     parser.add_argument("images", nargs="+", type=pathlib.Path, help="Image files.")
     args = parser.parse_args()
 
-    meta = json.loads((args.export_dir / "model.json").read_text())
-    model = jax.export.deserialize(bytearray((args.export_dir / "model.stablehlo").read_bytes()))
+    files = [args.export_dir / "model.json", args.export_dir / "model.stablehlo"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        sys.exit(
+            f"error: {args.export_dir} has no {' or '.join(missing)}: give the folder of "
+            "python -m resnet_jax.export ... --format stablehlo (which writes both)."
+        )
+    meta = json.loads(files[0].read_text())
+    model = jax.export.deserialize(bytearray(files[1].read_bytes()))
     size, resize = meta["input"]["image_size"], meta["input"]["resize_size"]
-    batch = np.stack([prepare(path, size, resize) for path in args.images])
+    batch = []
+    for path in args.images:
+        try:
+            batch.append(prepare(path, size, resize))
+        except OSError as e:  # Missing, unreadable or not an image (PIL's errors are OSErrors).
+            sys.exit(f"error: cannot read {path} as an image ({e}).")
+    batch = np.stack(batch)
 
     outputs = np.asarray(model.call(batch))
     if meta["output"]["name"] == "logits":

@@ -166,6 +166,22 @@ def test_loader_example_needs_jax_alone_and_agrees_with_predict(exported, images
         )
 
 
+def test_loader_example_says_what_is_wrong_in_one_line(exported, images, tmp_path):
+    _, _, out, _ = exported
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    cases = [
+        ([str(tmp_path), str(images[0])], f"error: {tmp_path} has no model.json or "),
+        ([str(out), str(not_an_image)], f"error: cannot read {not_an_image} as an image ("),
+    ]
+    for args, start in cases:
+        result = subprocess.run(
+            [sys.executable, str(LOADER), *args], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().startswith(start), result.stderr
+
+
 @pytest.mark.parametrize("image_size,resize_size", [(16, 0), (16, 16), (16, 19), (15, 22)])
 def test_loader_prepares_each_image_as_evaluation_does(tmp_path, image_size, resize_size):
     # The loader repeats data.read_image's geometry so that it needs no resnet_jax code; the
