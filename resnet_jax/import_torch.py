@@ -289,6 +289,11 @@ def import_state_dict(
 ) -> dict[str, Any]:
     """Writes step 0 of WORKDIR/checkpoints from a PyTorch state_dict; returns a summary."""
     workdir_path = checkpointing.absolute_workdir(workdir)
+    if workdir_path.exists() and not workdir_path.is_dir():
+        raise checkpointing.CheckpointError(
+            f"--workdir {workdir_path} is a file, not a folder; nothing was written. Import "
+            "into a new --workdir."
+        )
     if (workdir_path / checkpointing.CHECKPOINT_DIR).exists():
         raise checkpointing.CheckpointError(
             f"{workdir_path} already holds checkpoints; nothing was written. Import into a "

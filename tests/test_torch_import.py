@@ -286,6 +286,10 @@ def test_import_refuses_a_workdir_with_checkpoints(tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="already holds checkpoints"):
         import_torch.import_state_dict("resnet20", str(path), str(tmp_path / "run"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(checkpointing.CheckpointError, match="a_file is a file, not a folder"):
+        import_torch.import_state_dict("resnet20", str(path), str(tmp_path / "a_file"))
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_imported_cifar_weights_evaluate_as_in_pytorch(cifar, tmp_path):
