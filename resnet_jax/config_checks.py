@@ -1,5 +1,7 @@
 """Checks a config as soon as it is read, so a bad value fails before any work starts."""
 
+import math
+
 import ml_collections
 
 from resnet_jax.compile_options import CPU_CONVOLUTIONS
@@ -34,7 +36,8 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): inf and nan are nobody's setting."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(value) -> bool:

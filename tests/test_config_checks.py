@@ -111,6 +111,18 @@ def test_each_bad_value_is_refused_by_name(key):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_epochs", float("inf")), ("learning_rate", float("nan")), ("weight_decay", float("inf"))],
+)
+def test_infinite_and_nan_numbers_are_refused(key, value):
+    # --config.num_epochs=inf parses as a float and had passed, to fail at int(inf).
+    config = _config()
+    config[key] = value
+    with pytest.raises(config_checks.ConfigError, match=rf"^{key}={value!r} must be "):
+        config_checks.validate(config)
+
+
 @pytest.mark.parametrize("key", sorted(BAD_MODEL))
 def test_each_bad_model_value_is_refused_by_name(key):
     config = _config()
