@@ -343,6 +343,12 @@ def write_report(
 def _run() -> None:
     from resnet_jax import checkpointing, config_checks, data, defaults
 
+    if "://" in FLAGS.workdir:
+        raise ReportError(
+            f"--workdir {FLAGS.workdir}: the report reads a run on this machine's disk. Copy "
+            "the run here first (for gs://, gcloud storage cp -r BUCKET_PATH runs/), then "
+            "give that folder."
+        )
     workdir = checkpointing.absolute_workdir(FLAGS.workdir)
     if not workdir.is_dir():
         raise ReportError(f"--workdir {FLAGS.workdir} is not a directory.")

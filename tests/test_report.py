@@ -117,6 +117,16 @@ def test_bad_input_is_one_line(tmp_path, trained):
     result = run_report("--workdir", str(tmp_path / "missing"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("is not a directory.")
+    # A bucket: said plainly (it had been read as the local path gs:/..., "no metric logs").
+    result = run_report("--workdir", "gs://bucket/runs/resnet18")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: --workdir gs://bucket/runs/resnet18: the report reads a run on this machine's disk."
+        )
+    )
     result = run_report("--workdir", str(workdir), "--checkpoint=7", f"--out={tmp_path / 'r'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "7" in result.stderr.splitlines()[-1]
