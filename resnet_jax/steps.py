@@ -301,19 +301,17 @@ def schedule_settings(
     return settings
 
 
-def schedule_warnings(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
-) -> list[str]:
-    """What of the learning-rate schedule a run of `num_train_steps` never reaches.
+def schedule_warnings(settings: dict[str, Any], num_train_steps: int) -> list[str]:
+    """What of the schedule `settings` (`schedule_settings`) a run of `num_train_steps`
+    never reaches.
 
     A recipe's decays and warmup are set for its own budget; a shorter run (fewer epochs
     or steps on the command line) keeps them unless they are changed too.
     """
-    settings = schedule_settings(config, steps_per_epoch, num_train_steps)
     warnings = []
     late = [step for step in settings.get("decay_steps", []) if step >= num_train_steps]
     if late:
-        key = "lr_decay_steps" if config.lr_schedule == "multistep" else "lr_decay_epochs"
+        key = "lr_decay_steps" if settings["lr_schedule"] == "multistep" else "lr_decay_epochs"
         warnings.append(
             f"The learning rate's decays at steps {late} come at or after the run's end "
             f"(step {num_train_steps}), so the rate is never divided there: set "

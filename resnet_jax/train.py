@@ -258,7 +258,7 @@ def _train_and_evaluate(
         jax.process_count(),
         inputs.mode,
     )
-    for warning in steps.schedule_warnings(config, steps_per_epoch, num_steps):
+    for warning in steps.schedule_warnings(run_meta["schedule"], num_steps):
         logging.warning(warning)
     evaluate.write_json(workdir / "config.json", config.to_dict())
     # TensorBoard only: the loop logs its own one line per log step (resnet_jax.progress)

@@ -123,27 +123,32 @@ def test_multistep_schedule_is_the_papers():
     )
 
 
+def warnings_of(config, steps_per_epoch, num_train_steps):
+    settings = steps.schedule_settings(config, steps_per_epoch, num_train_steps)
+    return steps.schedule_warnings(settings, num_train_steps)
+
+
 def test_a_budget_shorter_than_the_schedule_is_warned_about():
     config = default.get_config()
     config.lr_schedule, config.lr_decay_steps = "multistep", (32000, 48000)
     # The paper's CIFAR-10 decays in a 20k-step run: neither is reached.
-    (decays,) = steps.schedule_warnings(config, steps_per_epoch=390, num_train_steps=20000)
+    (decays,) = warnings_of(config, 390, 20000)
     assert decays == (
         "The learning rate's decays at steps [32000, 48000] come at or after the run's end "
         "(step 20000), so the rate is never divided there: set --config.lr_decay_steps to "
         "fit the budget if that is not meant."
     )
-    (late,) = steps.schedule_warnings(config, steps_per_epoch=390, num_train_steps=40000)
+    (late,) = warnings_of(config, 390, 40000)
     assert "steps [48000]" in late
-    assert steps.schedule_warnings(config, steps_per_epoch=390, num_train_steps=64000) == []
+    assert warnings_of(config, 390, 64000) == []
     # DenseNet's epochs 150 and 225 in a 30-epoch run, and a warmup as long as the run.
     config.lr_schedule, config.lr_decay_epochs = "piecewise", (150.0, 225.0)
     config.warmup_epochs = 30.0
-    decays, warmup = steps.schedule_warnings(config, steps_per_epoch=10, num_train_steps=300)
+    decays, warmup = warnings_of(config, 10, 300)
     assert "steps [1500, 2250]" in decays and "--config.lr_decay_epochs" in decays
     assert warmup.startswith("The warmup (300 steps) lasts the whole run of 300 steps")
     config.lr_schedule = "cosine"
-    assert len(steps.schedule_warnings(config, steps_per_epoch=10, num_train_steps=301)) == 0
+    assert len(warnings_of(config, 10, 301)) == 0
 
 
 def test_piecewise_schedule_counts_epochs_from_the_start_warmup_included():
