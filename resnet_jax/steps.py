@@ -430,7 +430,11 @@ def create_train_state(
             ema=jax.tree.map(jnp.copy, variables) if config.ema_decay else None,
         )
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
+    return jax.jit(
+        init,
+        out_shardings=sharding.replicated(mesh),
+        compiler_options=compile_options.run_once_options(),
+    )(jax.random.key(config.seed))
 
 
 def with_normalized_images(step_fn: Callable, config: ml_collections.ConfigDict) -> Callable:

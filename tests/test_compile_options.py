@@ -111,6 +111,46 @@ def test_a_jaxlib_without_the_option_gets_xla_defaults_with_a_warning(monkeypatc
     assert "xla_cpu_no_such_option" in warnings[0]
 
 
+def test_the_initialisation_compiles_unoptimised_to_the_same_parameters_up_to_rounding():
+    assert compile_options.run_once_options() == {"xla_backend_optimization_level": 0}
+    config = default.get_config()
+    config.model.name, config.model.width_multiplier, config.image_size = "resnet8", 0.25, 8
+    model = create_model(config.model, num_classes=3)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    lr = steps.create_learning_rate_fn(config, steps_per_epoch=10, num_train_steps=100)
+    state = steps.create_train_state(config, model, steps.create_optimizer(config, lr), mesh)
+    key = jax.random.key(config.seed)
+
+    def init(options):
+        variables = jax.jit(
+            lambda rng: steps.init_variables(model, config.image_size, rng),
+            compiler_options=options,
+        )(key)
+        return jax.tree_util.tree_leaves_with_path(jax.device_get(variables["params"]))
+
+    unoptimised, optimised = init(compile_options.run_once_options()), dict(init(None))
+    trained_from = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    assert [path for path, _ in trained_from] == [path for path, _ in unoptimised]
+    for (path, got), (_, value) in zip(trained_from, unoptimised, strict=True):
+        np.testing.assert_array_equal(got, value, err_msg=jax.tree_util.keystr(path))
+    # XLA's optimised program rounds a few values differently (the option is in effect),
+    # by at most a float32 step of the largest initial weights.
+    differ = 0
+    for path, value in unoptimised:
+        np.testing.assert_allclose(value, optimised[path], rtol=0, atol=1e-7)
+        differ += int(np.sum(value != optimised[path]))
+    assert differ > 0
+
+
+def test_a_jaxlib_without_the_run_once_option_compiles_as_usual_with_a_warning(monkeypatch):
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setattr(compile_options, "_RUN_ONCE", {"xla_cpu_no_such_option": 1})
+    assert compile_options.run_once_options() is None
+    assert len(warnings) == 1 and "xla_cpu_no_such_option" in warnings[0]
+    assert "the initialisation compiles with XLA's optimisations" in warnings[0]
+
+
 def test_an_unknown_setting_is_a_config_error_with_the_choices():
     config = _config("onednn")
     with pytest.raises(config_checks.ConfigError, match=r"'onednn'.*eigen, xla_default"):
