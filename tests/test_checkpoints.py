@@ -16,7 +16,7 @@ from helpers import MAIN, ROOT, freeze, main_environment, run_main, tiny_state
 from configs import smoke
 from resnet_jax import checkpointing, config_checks, defaults, evaluate, sharding, train
 
-STEPS, EVERY = 120, 40
+STEPS, EVERY = 60, 20  # 10 epochs of the toy folder; evaluations at 30 and 60.
 STEP_LINE = re.compile(r"\] step (\d+)/\d+ ")
 
 
@@ -29,7 +29,7 @@ def main_args(workdir, toy_folder, *extra):
         f"--config.data_dir={toy_folder}",
         f"--config.num_train_steps={STEPS}",
         f"--config.checkpoint_every_steps={EVERY}",
-        "--config.eval_every_steps=60",
+        "--config.eval_every_steps=30",
         "--config.log_every_steps=1",
         *extra,
     ]
@@ -130,14 +130,14 @@ def test_sigkill_then_rerun_ends_bitwise_identical(reference_run, toy_folder, tm
         )
 
     last_logged, _, returncode = start_and_stop_at(
-        args, workdir, 45, signal.SIGKILL, while_frozen=second_launch
+        args, workdir, 25, signal.SIGKILL, while_frozen=second_launch
     )
     assert returncode == -signal.SIGKILL
     assert (workdir / "RUNNING.json").exists()  # Left by the killed run.
     assert not (workdir / "eval_results.json").exists()
     latest = max(checkpointing.complete_steps(workdir))
     # Killed between checkpoints: the steps after `latest` are lost and must be redone.
-    assert latest in (40, 60, 80) and latest < last_logged < STEPS
+    assert latest in (20, 30, 40) and latest < last_logged < STEPS
     resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {latest}" in resumed.stderr
@@ -181,10 +181,10 @@ def test_stream_input_with_every_recipe_option_sigkill_then_rerun_ends_bitwise_i
     args = main_args(workdir, toy_folder, *STREAM)
     # start_and_stop_at reads the killed run's stderr to its end, which comes only once
     # the orphaned grain workers (they share the pipe) have noticed and exited too.
-    last_logged, _, returncode = start_and_stop_at(args, workdir, 45, signal.SIGKILL)
+    last_logged, _, returncode = start_and_stop_at(args, workdir, 25, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     latest = max(checkpointing.complete_steps(workdir))
-    assert latest in (40, 60, 80) and latest < last_logged < STEPS
+    assert latest in (20, 30, 40) and latest < last_logged < STEPS
     state_file = workdir / "checkpoints" / str(latest) / "data_iterator" / "process_0-of-1.json"
     assert json.loads(state_file.read_text())["next_step"] == latest
     resumed = run_main(*args)
@@ -260,11 +260,11 @@ def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(reference_run, workdir)
     steps = checkpointing.complete_steps(workdir)
-    # Saved: 40, 60 (evaluated), 80, 120 (evaluated). Kept: the latest 2, and the best by
+    # Saved: 20, 30 (evaluated), 40, 60 (evaluated). Kept: the latest 2, and the best by
     # eval top-1 (on a tie the newer step is the best, as Orbax's BestN sorts stably).
     top1 = logged_eval_top1(reference_run)
-    assert sorted(top1) == [60, 120]
-    assert steps == ([60, 80, 120] if top1[60] > top1[120] else [80, 120])
+    assert sorted(top1) == [30, 60]
+    assert steps == ([30, 40, 60] if top1[30] > top1[60] else [40, 60])
     assert (
         checkpointing.select_step(checkpointing.create_manager(workdir, read_only=True), "best")
         == max((top1[s], s) for s in top1)[1]

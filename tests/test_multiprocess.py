@@ -30,21 +30,26 @@ def run_two(args):
 
 def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_path):
     workdir = tmp_path / "run"
+    # 40 of the smoke config's 150 steps: one process reaches 100% on the toy colours by
+    # step 12 (measured, seed 0), and the checkpoints at 20 and 40 are what the rerun needs.
     args = [
         "--config",
         "configs/smoke.py",
         "--workdir",
         str(workdir),
         f"--config.data_dir={toy_folder}",
+        "--config.num_train_steps=40",
+        "--config.eval_every_steps=20",
+        "--config.checkpoint_every_steps=20",
     ]
     outputs = run_two(args)
     assert "global batch 32 over 4 devices in 2 processes" in outputs[0]
     results = json.loads((workdir / "eval_results.json").read_text())
     # 63 test images split 31/32 over the processes, each counted exactly once.
     assert results["num_examples"] == 63
-    assert results["step"] == 150
+    assert results["step"] == 40
     assert results["top1"] >= 0.9
-    assert (workdir / "checkpoints" / "150" / "model").is_dir()
+    assert (workdir / "checkpoints" / "40" / "model").is_dir()
 
     single = run_main(
         "--config",
@@ -57,20 +62,20 @@ def test_two_processes_train_evaluate_and_save_one_checkpoint(toy_folder, tmp_pa
     )
     assert single.returncode == 0, single.stderr[-3000:]
     evaluated = json.loads(single.stdout.strip().splitlines()[-1])
-    assert evaluated["step"] == 150 and evaluated["num_examples"] == 63
+    assert evaluated["step"] == 40 and evaluated["num_examples"] == 63
     assert evaluated["top1"] == results["top1"]
     assert evaluated["loss"] == pytest.approx(results["loss"], rel=1e-4)
 
-    # Damage the latest step: both processes must fall back to step 75 together, and
-    # process 0 alone moves step 150 aside, once.
-    for path in (workdir / "checkpoints" / "150" / "model").rglob("*"):
+    # Damage the latest step: both processes must fall back to step 20 together, and
+    # process 0 alone moves step 40 aside, once.
+    for path in (workdir / "checkpoints" / "40" / "model").rglob("*"):
         if path.is_file():
             path.write_bytes(b"\x00garbage" * 10)
     outputs = run_two(args)
     for output in outputs:
-        assert "Resumed from checkpoint step 75" in output, output[-3000:]
-    assert [p.name for p in (workdir / "corrupt_checkpoints").iterdir()] == ["150"]
+        assert "Resumed from checkpoint step 20" in output, output[-3000:]
+    assert [p.name for p in (workdir / "corrupt_checkpoints").iterdir()] == ["40"]
     again = json.loads((workdir / "eval_results.json").read_text())
-    assert again["step"] == 150 and again["num_examples"] == 63
+    assert again["step"] == 40 and again["num_examples"] == 63
     assert again["top1"] == results["top1"]
     assert again["loss"] == pytest.approx(results["loss"], rel=1e-4)
