@@ -298,7 +298,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         config, workdir, config.eval_checkpoint, config.eval_weights
     )
     step = int(state.step)
-    results = evaluate(steps.compile_eval_step(mesh, config), state, inputs, config, mesh)
+    try:
+        results = evaluate(steps.compile_eval_step(mesh, config), state, inputs, config, mesh)
+    finally:
+        inputs.close()
     results.update(
         step=step,
         checkpoint=str(config.eval_checkpoint),

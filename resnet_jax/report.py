@@ -187,7 +187,10 @@ def confusion_matrix(
         progress = progress or cli.Progress(total, f"Evaluating step {int(state.step)}", "batches")
         progress.update(done)
 
-    counts = evaluate.eval_loop(step_fn, counts, state, inputs, config, mesh, on_batch=on_batch)
+    try:
+        counts = evaluate.eval_loop(step_fn, counts, state, inputs, config, mesh, on_batch=on_batch)
+    finally:
+        inputs.close()
     return np.asarray(jax.device_get(counts)), int(state.step), inputs
 
 

@@ -212,6 +212,7 @@ def _train_and_evaluate(
     sharding.per_process_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
     logging.info("Opening %s's training and evaluation data ...", config.dataset)
     inputs = data.open_input(config, mesh)
+    cleanup.callback(inputs.close)  # The evaluations' workers, kept between them.
     num_classes = config_checks.resolve_num_classes(config, inputs.train.num_classes)
     steps_per_epoch = inputs.steps_per_epoch(config.batch_size)
     num_steps = config.num_train_steps

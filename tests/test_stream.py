@@ -1,6 +1,7 @@
 """Streaming input (resnet_jax.data.stream): grain over image folders and tfds array_record."""
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -348,6 +349,46 @@ def test_inception_crop_geometry_exif_and_draft(tmp_path, monkeypatch):
         want = _reference_crop(jpeg, 16, seed)
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 4
     assert len(scales) == 5 and min(scales) >= 2  # Every crop decoded at reduced size.
+
+
+def test_evaluation_passes_keep_one_pool_of_workers_and_give_each_pass_whole(folder):
+    config = make_config(folder)
+    split = stream.open_split(config, "test", process_index=0, process_count=1)
+    batch = 4
+    count = splits.num_eval_batches(NUM_TEST, 1, batch) + 1  # 6 of images, 1 of padding.
+    settings = dict(per_process_batch_size=batch, num_batches=count, image_size=SIZE)
+    in_process = [
+        {k: np.array(v) for k, v in b.items()}
+        for b in stream.eval_batches(split, **settings, resize_size=0, num_workers=0)
+    ]
+    assert len(in_process) == 7 and not in_process[-1]["mask"].any()
+
+    def one_pass(passes, stop_after=None):
+        got = []
+        for b in passes.one_pass():
+            got.append({k: np.array(v) for k, v in b.items()})
+            if len(got) == stop_after:
+                break
+        return got
+
+    passes = stream.EvalPasses(split, **settings, resize_size=0, num_workers=2)
+    try:
+        assert_same_batches(one_pass(passes), in_process)
+        workers = {p.pid for p in multiprocessing.active_children()}
+        assert len(workers) == 2
+        # The next passes start where the pool stands: at the first batch, same workers.
+        for _ in range(2):
+            assert_same_batches(one_pass(passes), in_process)
+            assert {p.pid for p in multiprocessing.active_children()} == workers
+        # A pass given up halfway stops the pool; the next pass is whole, from new workers.
+        assert_same_batches(one_pass(passes, stop_after=3), in_process[:3])
+        assert not workers & {p.pid for p in multiprocessing.active_children()}
+        assert_same_batches(one_pass(passes), in_process)
+        assert len(multiprocessing.active_children()) == 2
+    finally:
+        passes.close()
+    assert not multiprocessing.active_children()
+    passes.close()  # Twice is fine.
 
 
 def test_eval_covers_each_example_once_over_two_processes(folder):

@@ -88,3 +88,8 @@ class Input(abc.ABC):
         The number is the same in every process; batches past the end of a process's
         shard are all padding (mask False).
         """
+
+    def close(self) -> None:  # noqa: B027  (most paths hold nothing to release)
+        """Releases what the evaluations keep between them (worker processes); safe to
+        call twice. Train batches are closed on their own."""
+        return

@@ -575,6 +575,30 @@ def train_batches(
     )
 
 
+def _eval_dataset(
+    split: StreamSplit, batch: int, num_batches: int, image_size: int, resize_size: int
+) -> grain.MapDataset:
+    """The shard's decoded, padded eval batches (no padding-only batches), checked."""
+    splits.check_eval_capacity(len(split.records), batch, num_batches)
+    assert image_size > 0, image_size
+    assert resize_size == 0 or resize_size >= image_size, (resize_size, image_size)
+    return (
+        grain.MapDataset.source(split.records)
+        .map(_EvalDecode(image_size, resize_size))
+        .batch(batch, drop_remainder=False)
+        .map(functools.partial(splits.pad_batch, size=batch))
+    )
+
+
+def _padding_batches(count: int, batch: int, image_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """`count` batches of padding only (mask False), for past the end of a shard."""
+    empty = {
+        "image": np.zeros((0, image_size, image_size, 3), np.uint8),
+        "label": np.zeros((0,), np.int32),
+    }
+    return (splits.pad_batch(empty, batch) for _ in range(count))
+
+
 def eval_batches(
     split: StreamSplit,
     *,
@@ -593,7 +617,8 @@ def eval_batches(
       image_size: Side of the square images.
       resize_size: As `decode.read_image`: 0 resizes the whole image; N resizes the
         shorter side to N and takes the central image_size crop (ImageNet: 256, 224).
-      num_workers: 0 decodes in this process; N > 0 in N grain worker processes.
+      num_workers: 0 decodes in this process; N > 0 in N grain worker processes,
+        started for these batches and stopped after them (`EvalPasses` keeps them).
 
     Returns:
       An iterator of `num_batches` dicts: "image" uint8 [B, image_size, image_size, 3]
@@ -602,23 +627,70 @@ def eval_batches(
     Raises:
       DatasetError: num_batches too small for the shard.
     """
+    assert num_workers >= 0, num_workers
     batch = per_process_batch_size
-    splits.check_eval_capacity(len(split.records), batch, num_batches)
-    assert image_size > 0 and num_workers >= 0, (image_size, num_workers)
-    assert resize_size == 0 or resize_size >= image_size, (resize_size, image_size)
-    decoded = (
-        grain.MapDataset.source(split.records)
-        .map(_EvalDecode(image_size, resize_size))
-        .batch(batch, drop_remainder=False)
-        .map(functools.partial(splits.pad_batch, size=batch))
-    )
+    decoded = _eval_dataset(split, batch, num_batches, image_size, resize_size)
     # Past the end of the shard (an empty shard: from the start), batches of padding only.
-    empty = {
-        "image": np.zeros((0, image_size, image_size, 3), np.uint8),
-        "label": np.zeros((0,), np.int32),
-    }
-    padding = (splits.pad_batch(empty, batch) for _ in range(num_batches - len(decoded)))
+    padding = _padding_batches(num_batches - len(decoded), batch, image_size)
     return itertools.chain(_iterate(decoded, num_workers) if len(decoded) else (), padding)
+
+
+class EvalPasses:
+    """Passes over the evaluation batches, decoded by one pool of grain workers kept
+    from one pass to the next.
+
+    A worker costs an interpreter and the project's imports to start (seconds of CPU
+    each), which every evaluation paid again for each of its workers, twice with an EMA.
+    Here the pool runs through the shard's batches over and over (the evaluation is
+    deterministic), each pass takes exactly one round of them, and the workers wait,
+    a batch ahead, for the next pass. A pass left unfinished stops the pool, so the
+    next one starts a fresh pool at the first batch. `close` stops the workers.
+
+    Args: as `eval_batches`, with num_workers > 0.
+    """
+
+    def __init__(
+        self,
+        split: StreamSplit,
+        *,
+        per_process_batch_size: int,
+        num_batches: int,
+        image_size: int,
+        resize_size: int,
+        num_workers: int,
+    ):
+        assert num_workers > 0, num_workers
+        self.per_process_batch_size = per_process_batch_size
+        self._decoded = _eval_dataset(
+            split, per_process_batch_size, num_batches, image_size, resize_size
+        )
+        self._num_padding = num_batches - len(self._decoded)
+        self._image_size = image_size
+        self._num_workers = num_workers
+        self._iterator: grain.DatasetIterator | None = None
+
+    def one_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        """The `num_batches` batches of one evaluation, as `eval_batches` gives them."""
+        if len(self._decoded):
+            if self._iterator is None:
+                self._iterator = _iterate(self._decoded.repeat(), self._num_workers)
+            finished = False
+            try:
+                for _ in range(len(self._decoded)):
+                    yield next(self._iterator)
+                finished = True
+            finally:
+                if not finished:  # Out of step with the pool: start afresh next time.
+                    self.close()
+        yield from _padding_batches(
+            self._num_padding, self.per_process_batch_size, self._image_size
+        )
+
+    def close(self) -> None:
+        """Stops the workers (a later pass starts new ones); safe to call twice."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
 
 def num_workers(config: Any) -> int:
@@ -675,14 +747,26 @@ class StreamInput(interface.Input):
         )
         return StreamTrainBatches(iterator, self.mesh)
 
+    _eval_passes: EvalPasses | None = None  # The worker pool of the evaluations.
+
     def eval_batches(self, per_process_batch_size: int) -> tuple[int, Iterator[dict[str, Any]]]:
         count = self.num_eval_batches(per_process_batch_size)
-        batches = eval_batches(
-            self.eval,
-            per_process_batch_size=per_process_batch_size,
-            num_batches=count,
-            image_size=self.config.image_size,
-            resize_size=self.config.eval_resize_size,
-            num_workers=num_workers(self.config),
-        )
-        return count, batches
+        settings = {
+            "per_process_batch_size": per_process_batch_size,
+            "num_batches": count,
+            "image_size": self.config.image_size,
+            "resize_size": self.config.eval_resize_size,
+            "num_workers": num_workers(self.config),
+        }
+        if settings["num_workers"] == 0:
+            return count, eval_batches(self.eval, **settings)
+        passes = self._eval_passes
+        if passes is None or passes.per_process_batch_size != per_process_batch_size:
+            self.close()
+            passes = self._eval_passes = EvalPasses(self.eval, **settings)
+        return count, passes.one_pass()
+
+    def close(self) -> None:
+        if self._eval_passes is not None:
+            self._eval_passes.close()
+            self._eval_passes = None
