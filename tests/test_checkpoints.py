@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -254,6 +255,32 @@ def test_eval_mode_on_one_device_without_optimizer_state(reference_run, toy_fold
     assert written["step"] == STEPS and written["num_examples"] == 63
     assert written["top1"] == reference["top1"] and written["top5"] == reference["top5"]
     assert written["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+
+
+def test_evaluating_an_image_folder_leaves_tensorflow_unloaded(reference_run, toy_folder, tmp_path):
+    # TensorFlow (5-6 s to import on these cores) serves tfds datasets and training's
+    # TensorBoard writer; main's evaluation of an image folder has no use for it.
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference_run, workdir)
+    program = (
+        "import runpy, sys\n"
+        "try:\n"
+        "    runpy.run_module('resnet_jax.main', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('tensorflow loaded:', 'tensorflow' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program, *eval_args(workdir, toy_folder)],
+        cwd=ROOT,
+        env=main_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == STEPS
+    assert result.stderr.strip().splitlines()[-1] == "tensorflow loaded: False"
 
 
 def test_eval_checkpoint_selects_a_step(reference_run, toy_folder, tmp_path):
