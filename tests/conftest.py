@@ -27,26 +27,31 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402  (after the environment is set)
 
-# The files that take longest (a minute or more each on 2 cores: their seconds in a
-# fresh-clone run on a 2-core EPYC, 2026-12-07, pytest --durations=0), run first: the
-# parallel workers (pyproject.toml) take whole files in this order, and a long file taken
-# last would leave the other workers idle while it runs. Without --no-loadscope-reorder,
-# xdist would order the files by their number of tests, which put the one-test
-# test_multiprocess.py last.
+# The files that take longest (half a minute or more each on 2 cores: the seconds of their
+# slowest tests in a fresh-clone run on a 2-core EPYC, 2026-12-07, pytest --durations=80),
+# run first: the parallel workers (pyproject.toml) take whole files in this order, and a
+# long file taken last would leave the other workers idle while it runs. Without
+# --no-loadscope-reorder, xdist would order the files by their number of tests, which put
+# the one-test test_multiprocess.py last.
 LONGEST_FIRST = (
-    "test_readme.py",  # 399
-    "test_checkpoints.py",  # 373
-    "test_recipes.py",  # 230
-    "test_topology.py",  # 178
-    "test_device_check.py",  # 140
-    "test_multiprocess.py",  # 118
-    "test_export.py",  # 86
-    "test_layer_responses.py",  # 84
-    "test_densenet.py",  # 71
-    "test_compile_cache.py",  # 71
-    "test_train.py",  # 67
-    "test_torch_import.py",  # 67
-    "test_full_disk.py",  # 67
+    "test_readme.py",  # 307
+    "test_checkpoints.py",  # 214
+    "test_topology.py",  # 117
+    "test_recipes.py",  # 109
+    "test_device_check.py",  # 81
+    "test_layer_responses.py",  # 65
+    "test_multiprocess.py",  # 64
+    "test_torch_import.py",  # 60
+    "test_full_disk.py",  # 58
+    "test_report.py",  # 49
+    "test_degradation.py",  # 43
+    "test_compile_cache.py",  # 38
+    "test_densenet.py",  # 37
+    "test_predict.py",  # 35
+    "test_benchmark.py",  # 33
+    "test_quick_start.py",  # 32
+    "test_export.py",  # 32
+    "test_train.py",  # 31
 )
 
 
