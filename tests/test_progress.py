@@ -55,6 +55,34 @@ def test_a_resumed_run_counts_from_its_first_step():
     )
 
 
+def test_the_eta_follows_the_last_log_lines_so_a_pause_fades_from_it():
+    clock = Clock()
+    pace = progress.TrainProgress(start_step=0, num_steps=10_000, batch_size=128, clock=clock)
+    pace.first_step_done(1)
+    metrics = {"loss": 1.0, "top1": 0.5, "learning_rate": 0.1}
+
+    def log(step, seconds):
+        clock.now += seconds
+        return pace.line(step, metrics, pace.images_per_second(step))
+
+    log(100, 99 * 0.5)  # 0.5 s a step.
+    clock.now += 3600.0  # The VM is suspended for an hour.
+    log(200, 100 * 0.5)
+    # Within the window the pause counts: 199 steps in 3,699.5 s.
+    assert pace.eta(200) == progress.duration(9800 * 3699.5 / 199)
+    step = 200
+    for _ in range(progress.ETA_WINDOW):
+        step += 100
+        line = log(step, 100 * 0.5)
+    # The pause is more than ETA_WINDOW lines back: the pace is the steps' own again.
+    assert line.endswith(f"ETA {progress.duration((10_000 - step) * 0.5)}")
+    # A machine that slows down to 2 s a step: the ETA follows within the window.
+    for _ in range(progress.ETA_WINDOW):
+        step += 100
+        log(step, 100 * 2.0)
+    assert pace.eta(step) == progress.duration((10_000 - step) * 2.0)
+
+
 def test_eval_line_shows_the_ema_weights_when_kept():
     results = {"top1": 0.91, "top5": 0.99, "loss": 0.25, "num_examples": 10000}
     assert progress.eval_line(468, results, 4.06) == (
