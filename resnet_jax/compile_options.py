@@ -82,7 +82,7 @@ def run_once_options() -> dict[str, Any] | None:
         return None
     options = tuple(sorted(_RUN_ONCE.items()))
     warning = (
-        "This jaxlib does not take {error}: the initialisation compiles with XLA's "
-        "optimisations (slower to compile, same parameters up to float rounding)."
+        "Compiling the initialisation unoptimised has no effect with this jaxlib ({error}): "
+        "it compiles with XLA's optimisations (slower, the same parameters up to rounding)."
     )
     return dict(options) if _accepted(options, warning) else None
