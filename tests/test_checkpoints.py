@@ -199,10 +199,28 @@ def test_stream_input_with_every_recipe_option_sigkill_then_rerun_ends_bitwise_i
     assert json.loads((workdir / "eval_results.json").read_text()) == reference
 
 
-def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_folder, tmp_path):
+def pack_run(cwd, archive, *workdirs):
+    return subprocess.run(
+        ["bash", ROOT / "scripts" / "pack_run.sh", archive, *workdirs],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_sigterm_saves_at_the_next_step_then_the_packed_run_resumes_exactly_elsewhere(
+    reference_run, toy_folder, tmp_path
+):
     workdir = tmp_path / "preempted"
-    args = main_args(workdir, toy_folder)
-    last_logged, stderr, returncode = start_and_stop_at(args, workdir, 10, signal.SIGTERM)
+    refused = []
+    _, stderr, returncode = start_and_stop_at(
+        main_args(workdir, toy_folder),
+        workdir,
+        25,
+        signal.SIGTERM,
+        while_frozen=lambda pid: refused.append(pack_run(tmp_path, "held.tgz", "preempted")),
+    )
     # 128 + SIGTERM: "stopped, not finished" to schedulers that restart failed jobs.
     assert returncode == 143, stderr[-3000:]
     match = re.search(
@@ -210,12 +228,28 @@ def test_sigterm_saves_at_the_next_step_and_resumes_exactly(reference_run, toy_f
     )
     assert match, stderr[-3000:]
     stopped_at = int(match.group(1))
-    assert last_logged <= stopped_at < STEPS
-    assert stopped_at in checkpointing.complete_steps(workdir)
-    resumed = run_main(*args)
+    assert 25 <= stopped_at < STEPS
+    kept = checkpointing.complete_steps(workdir)
+    assert len(kept) >= 2 and kept[-1] == stopped_at  # 20 (or later ones) and the stop's
+    # A run that holds its workdir is not packed.
+    assert refused[0].returncode == 2 and "stop it with SIGTERM" in refused[0].stderr
+    assert not (tmp_path / "held.tgz").exists()
+
+    packed = pack_run(tmp_path, "moved/run.tgz", "preempted/")
+    assert packed.returncode == 0, packed.stderr
+    assert packed.stdout.startswith(f"preempted: step {stopped_at}\n")
+    # Another machine: another folder, the archive extracted there, the same command.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["tar", "-xzf", tmp_path / "moved" / "run.tgz"], cwd=elsewhere, check=True)
+    moved = elsewhere / "preempted"
+    assert checkpointing.complete_steps(moved) == [stopped_at]
+    assert (moved / "config.json").read_text() == (workdir / "config.json").read_text()
+    assert list(moved.glob("events.out.tfevents.*"))
+    resumed = run_main(*main_args(moved, toy_folder))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
-    assert_bitwise_equal(final_arrays(workdir), final_arrays(reference_run))
+    assert_bitwise_equal(final_arrays(moved), final_arrays(reference_run))
 
 
 def test_rerunning_a_finished_run_trains_no_further(reference_run, toy_folder):

@@ -1,12 +1,13 @@
-"""scripts/fashion_mnist_runs.sh and scripts/fashion_mnist_gpu.sh: shellcheck-clean, bad
-arguments refused before anything runs. (Their runs take hours on 2 cores or minutes on a
-GPU; docs/results.md holds what they measured.)"""
+"""scripts/fashion_mnist_runs.sh, scripts/fashion_mnist_gpu.sh and scripts/pack_run.sh:
+shellcheck-clean, bad arguments refused before anything runs. (Their runs take hours on 2
+cores or minutes on a GPU; docs/results.md holds what they measured. A packed run resuming
+elsewhere: tests/test_checkpoints.py.)"""
 
 import subprocess
 
 from helpers import ROOT, shellcheck
 
-SCRIPTS = ("scripts/fashion_mnist_runs.sh", "scripts/fashion_mnist_gpu.sh")
+SCRIPTS = ("scripts/fashion_mnist_runs.sh", "scripts/fashion_mnist_gpu.sh", "scripts/pack_run.sh")
 
 
 def test_the_scripts_pass_shellcheck():
@@ -30,3 +31,29 @@ def test_the_gpu_script_refuses_a_missing_out_and_an_unknown_stage(tmp_path):
     assert unknown.returncode == 2
     assert unknown.stderr == "error: STAGE is seeds or anchor, not 'seed'.\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_pack_run_refuses_what_is_not_a_stopped_run_and_writes_nothing(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            ["bash", ROOT / "scripts" / "pack_run.sh", *map(str, args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert run("a.tgz").stderr.startswith("usage: bash scripts/pack_run.sh ARCHIVE.tgz WORKDIR")
+    (tmp_path / "notes").mkdir()
+    not_a_run = run("a.tgz", "notes")
+    assert not_a_run.returncode == 2
+    assert (
+        not_a_run.stderr
+        == "error: notes has no checkpoints folder: not a training run's workdir.\n"
+    )
+    # Killed before its first save: Orbax's unfinished folder is not a checkpoint.
+    (tmp_path / "early" / "checkpoints" / "20.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    early = run("a.tgz", "early")
+    assert early.returncode == 2
+    assert early.stderr == "error: early has no complete checkpoint to continue from.\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "notes"]
