@@ -716,7 +716,14 @@ class StreamTrainBatches:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        return sharding.global_batch(next(self.checkpointable), self._mesh)
+        # grain hands the workers' batches over in shared memory, freed when their last
+        # reference goes. On the CPU, jax can keep the very buffer as the array, so the
+        # run's last batches outlived it and Python warned at exit of "leaked
+        # shared_memory objects"; a copy (0.4 MB for CIFAR's 128 images) frees them here.
+        local = {
+            key: np.array(value, copy=True) for key, value in next(self.checkpointable).items()
+        }
+        return sharding.global_batch(local, self._mesh)
 
     def close(self) -> None:
         """Stops the worker processes."""
