@@ -200,3 +200,22 @@ def test_a_missing_run_is_one_line(experiment):
         "error: flag --checkpoint=lastest: must be latest, best or a step number (see --help "
         "for the flags)."
     )
+
+
+def test_a_streamed_evaluation_stops_its_workers_once_folded(experiment):
+    """On the streaming path the test set is read by grain workers, stopped after the fold."""
+    import multiprocessing
+
+    root, *_ = experiment
+    config = layer_responses.run_config(root / "resnet8")
+    config.input, config.input_workers = "stream", 1
+    before = set(multiprocessing.active_children())  # Another test's, in this process.
+    run = layer_responses.open_run(config, root / "resnet8", "latest", GRADIENT_BATCHES)
+    variables = {"params": run.state.params, "batch_stats": run.state.batch_stats}
+    layers = layer_responses.find_layers(run.state.apply_fn, variables, config.image_size)
+    assert set(multiprocessing.active_children()) <= before  # The train batches' worker.
+    moments = run.fold_test_set(
+        run.compile(layer_responses.response_step), layer_responses.empty_moments(layers)
+    )
+    assert int(moments.examples) == 63
+    assert set(multiprocessing.active_children()) <= before

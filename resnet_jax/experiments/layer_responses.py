@@ -266,15 +266,20 @@ def open_run(
         train_batches = [next(batches) for _ in range(num_batches)]
     finally:
         batches.close()
+
+    def fold_test_set(step_fn: Callable, carry: Any) -> Any:
+        try:
+            return evaluate.eval_loop(step_fn, carry, state, inputs, config, mesh)
+        finally:
+            inputs.close()  # The streaming path's evaluation workers: one pass is all.
+
     return _OpenedRun(
         state=state,
         initial=initial,
         train_batches=train_batches,
         loss_fn=functools.partial(steps.cross_entropy, label_smoothing=config.label_smoothing),
         compile=lambda step_fn: steps.compile_batch_fn(step_fn, mesh, config),
-        fold_test_set=lambda step_fn, carry: evaluate.eval_loop(
-            step_fn, carry, state, inputs, config, mesh
-        ),
+        fold_test_set=fold_test_set,
     )
 
 
