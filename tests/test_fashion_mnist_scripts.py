@@ -33,6 +33,19 @@ def test_the_gpu_script_refuses_a_missing_out_and_an_unknown_stage(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
+def test_the_cpu_runner_refuses_an_unknown_stage_before_anything_runs(tmp_path):
+    result = subprocess.run(
+        ["bash", "scripts/fashion_mnist_runs.sh", tmp_path / "runs", "seed"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: STAGE is all, figures, seeds or anchor, not 'seed'.\n"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_pack_run_refuses_what_is_not_a_stopped_run_and_writes_nothing(tmp_path):
     def run(*args):
         return subprocess.run(
