@@ -142,6 +142,7 @@ anchor() {
   train configs/fashion_mnist.py:anchor "$runs/fmnist_anchor/baseline_seed0"
   train configs/fashion_mnist.py:anchor "$runs/fmnist_anchor/random_erasing_seed0" \
     --config.random_erasing=0.5
+  shopt -s nullglob  # The anchor stage alone: the 100-epoch seeds may not be there.
   python scripts/summarize_runs.py "$runs"/fmnist_100ep/*_seed* "$runs"/fmnist_anchor/*_seed* \
     --json_out "$runs/fmnist_anchor/summary.json"
 }
