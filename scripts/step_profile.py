@@ -56,16 +56,37 @@ _OPERATION = re.compile(r"^[a-z][a-z0-9_\-]*(\.[0-9]+)?$")
 
 
 def operation_times(trace_dir: str) -> dict[str, float]:
-    """Seconds per compiled operation in the jax.profiler trace under `trace_dir`."""
+    """Seconds of the traced time that each compiled operation accounts for.
+
+    XLA:CPU runs an operation's parts on several threads at once, and sometimes
+    independent operations side by side: summing their events' durations counted such
+    time twice or more (the shares could add up to more than the step). Here each stretch
+    of time is shared out evenly among the events running during it, so the operations'
+    seconds add up to the time during which any of them ran, never more.
+    """
     traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
     if not traces:
         raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
     events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
-    seconds: dict[str, float] = collections.defaultdict(float)
+    edges = []  # (time in us, +1 start / -1 end, operation)
     for event in events:
         name = event.get("name", "")
-        if event.get("ph") == "X" and _OPERATION.match(name):
-            seconds[name] += event["dur"] / 1e6
+        if event.get("ph") == "X" and _OPERATION.match(name) and event["dur"] > 0:
+            edges += [(event["ts"], 1, name), (event["ts"] + event["dur"], -1, name)]
+    edges.sort(key=lambda edge: (edge[0], edge[1]))  # At a tie, ends before starts.
+    seconds: dict[str, float] = collections.defaultdict(float)
+    running: collections.Counter[str] = collections.Counter()
+    last = None
+    for time_us, change, name in edges:
+        count = sum(running.values())
+        if count and time_us > last:
+            share = (time_us - last) / 1e6 / count
+            for running_name, instances in running.items():
+                seconds[running_name] += share * instances
+        running[name] += change
+        if not running[name]:
+            del running[name]
+        last = time_us
     return dict(seconds)
 
 
