@@ -1,10 +1,11 @@
-"""Where a train step's time goes, by compiled operation: a jax.profiler trace, summed.
+"""Where a train step's time goes, by compiled operation, from a jax.profiler trace.
 
     python scripts/step_profile.py [--config configs/resnet18.py] [--steps 3]
 
 Compiles the config's train step (as scripts/benchmark.py does), runs it twice, then
-traces --steps steps with `jax.profiler` and sums the time of each compiled operation
-(XLA's fusions and library calls, by their HLO names) over the traced steps. Prints
+traces --steps steps with `jax.profiler` and adds up the time of each compiled operation
+(XLA's fusions and library calls, by their HLO names) over the traced steps, a stretch
+where several run at once shared out among them (`operation_times`). Prints
 the step time, the time by kind of operation and the largest operations, per step; the
 last line is JSON. On CPU it turns on XLA:CPU's per-operation trace events
 (`--xla_cpu_enable_xprof_traceme`); operations that emit no event of their own (some
