@@ -11,6 +11,11 @@ its resume does not count) and each group's mean and sample standard
 deviation, with the settings in which the groups differ. The last line printed is the
 JSON.
 
+A workdir without eval_results.json but with its config.json and logs is a run not
+finished (still training, or stopped to be resumed): a second table shows how far it has
+got, its last logged step and latest evaluation (with the EMA weights' where it keeps
+them). Those are progress, not results, and no group includes them.
+
 The final checkpoint's top-1 is the figure to quote. Beside it, each run's best evaluation
 during training (the highest `eval_top1` its logs hold, and at which step) is the figure
 of scripts that report the best epoch's test accuracy, such as the Random-Erasing code
@@ -123,6 +128,61 @@ def read_run(workdir: pathlib.Path) -> dict:
     }
 
 
+def read_unfinished(workdir: pathlib.Path) -> dict | None:
+    """How far a run without a final evaluation has got; None without config and logs."""
+    from resnet_jax import defaults, report
+
+    if not (workdir / "config.json").is_file():
+        return None
+    try:
+        scalars = report.read_scalars(workdir)
+    except report.ReportError:
+        return None
+    config = defaults.from_workdir(str(workdir))
+    logged = [int(steps[-1]) for steps, _ in scalars.values() if len(steps)]
+    latest = {}
+    for key in ("eval_top1", "eval_ema_top1"):
+        if key in scalars:
+            steps, values = scalars[key]
+            latest[key] = (int(steps[-1]), float(values[-1]))
+    eval_step, eval_top1 = latest.get("eval_top1", (None, None))
+    ema_step, ema_top1 = latest.get("eval_ema_top1", (None, None))
+    return {
+        "workdir": str(workdir),
+        "model": config.model.name,
+        "seed": config.seed,
+        "num_epochs": config.num_epochs if config.num_train_steps <= 0 else None,
+        "num_train_steps": config.num_train_steps if config.num_train_steps > 0 else None,
+        "logged_step": max(logged) if logged else None,
+        "latest_eval_step": eval_step,
+        "latest_eval_top1": eval_top1,
+        "latest_eval_ema_top1": ema_top1 if ema_step == eval_step else None,
+        "wall_hours": wall_hours(workdir),
+    }
+
+
+def unfinished_table(runs: list[dict]) -> str:
+    lines = [
+        "| run, not finished | model | seed | epochs | steps | last logged step "
+        "| latest evaluation: step, top-1 | EMA top-1 | wall time so far |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        hours = f"{r['wall_hours']:.2f} h" if r["wall_hours"] is not None else "?"
+        evaluation = (
+            f"{r['latest_eval_step']}, {100 * r['latest_eval_top1']:.2f}%"
+            if r["latest_eval_top1"] is not None
+            else "(none yet)"
+        )
+        ema = r["latest_eval_ema_top1"]
+        lines.append(
+            f"| {pathlib.Path(r['workdir']).name} | {r['model']} | {r['seed']} | "
+            f"{r['num_epochs'] or ''} | {r['num_train_steps'] or ''} | {r['logged_step']} | "
+            f"{evaluation} | {'' if ema is None else f'{100 * ema:.2f}%'} | {hours} |"
+        )
+    return "\n".join(lines)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Groups of runs with the same recipe and steps: mean and sample std of top-1.
 
@@ -197,15 +257,26 @@ def main() -> None:
     parser.add_argument("workdirs", nargs="+", type=pathlib.Path)
     parser.add_argument("--json_out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    finished = [w for w in args.workdirs if (w / "eval_results.json").is_file()]
-    if not finished:
-        sys.exit("error: none of these workdirs holds a finished run (eval_results.json).")
-    runs = [read_run(w) for w in sorted(finished)]
-    groups = summarize(runs)
-    print(table(runs, groups))
+    finished = sorted(w for w in args.workdirs if (w / "eval_results.json").is_file())
+    unfinished = [
+        run
+        for w in sorted(set(args.workdirs) - set(finished))
+        if (run := read_unfinished(w)) is not None
+    ]
+    if not finished and not unfinished:
+        sys.exit(
+            "error: none of these workdirs holds a finished run (eval_results.json) or one "
+            "under way (config.json and TensorBoard logs)."
+        )
+    runs = [read_run(w) for w in finished]
+    groups = summarize(runs) if runs else []
+    if runs:
+        print(table(runs, groups))
+    if unfinished:
+        print(("\n" if runs else "") + unfinished_table(unfinished))
     for run in runs:
         del run["recipe"]  # Its differences are each group's settings.
-    payload = {"runs": runs, "groups": groups}
+    payload = {"runs": runs, "groups": groups, "unfinished": unfinished}
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -115,3 +115,33 @@ def test_wall_time_sums_each_process_and_leaves_out_the_break_before_a_resume(tm
     (run,) = json.loads(result.stdout.strip().splitlines()[-1])["runs"]
     assert run["wall_hours"] == pytest.approx(2.0)
     assert "| 2.00 h |" in result.stdout
+
+
+def test_a_run_under_way_is_shown_apart_with_its_latest_evaluation(tmp_path):
+    from clu import metric_writers
+
+    write_run(tmp_path / "done", 0, 0.9510, steps=400)
+    going = tmp_path / "going"
+    write_run(going, 1, 0.0, steps=400)
+    (going / "eval_results.json").unlink()  # Not finished: config and logs only.
+    writer = metric_writers.create_default_writer(str(going))
+    for step in (100, 200, 300):
+        writer.write_scalars(step, {"train_loss": 1.0 / step})
+    for step, top1, ema in ((100, 0.9011, 0.9102), (200, 0.8890, 0.9230)):
+        writer.write_scalars(step, {"eval_top1": top1, "eval_ema_top1": ema})
+    writer.close()
+    (tmp_path / "empty").mkdir()  # Neither finished nor logged: not a run.
+    result = summarize(tmp_path / "done", going, tmp_path / "empty")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["seed"] for r in payload["runs"]] == [0]  # The groups leave it out.
+    assert payload["groups"][0]["seeds"] == [0]
+    (run,) = payload["unfinished"]
+    assert (run["seed"], run["logged_step"], run["latest_eval_step"]) == (1, 300, 200)
+    assert run["latest_eval_top1"] == pytest.approx(0.8890)
+    assert run["latest_eval_ema_top1"] == pytest.approx(0.9230)
+    assert "| going | resnet20 | 1 | 30.0 |  | 300 | 200, 88.90% | 92.30% |" in result.stdout
+    # Alone, it is printed without the finished runs' tables.
+    alone = summarize(going)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.startswith("| run, not finished |")
