@@ -5,14 +5,17 @@
 # without and with random erasing, seed 0 (STAGE `anchor`). The runs share the GPU: the
 # paper's small net is bound by kernel launches (docs/benchmarks.md), so several processes
 # keep it busier than one. A run still going after SECONDS gets SIGTERM, saves a checkpoint
-# and stops; the same command again resumes it (on the same machine).
+# and stops; the same command again resumes it, on the same machine or, after extracting
+# OUT/fashion_mnist_STAGE_resume.tgz (below), on another.
 #
 #   bash scripts/fashion_mnist_gpu.sh OUT [STAGE] [SECONDS] [RUNS] [--config.key=value ...]
 #
 # Settings after RUNS go to every run (e.g. --config.num_train_steps=4 for a smoke test).
 # Writes OUT/fashion_mnist_STAGE.tgz (each run's config, final evaluations, TensorBoard logs
-# and log file; no checkpoints) and OUT/fashion_mnist_STAGE.md (scripts/summarize_runs.py's
-# table: final top-1 and best evaluation). The same runs on 2 CPU cores, one after the
+# and log file; no checkpoints), OUT/fashion_mnist_STAGE.md (scripts/summarize_runs.py's
+# table: final top-1 and best evaluation; how far an unfinished run got) and, when runs
+# stopped before their end, OUT/fashion_mnist_STAGE_resume.tgz (scripts/pack_run.sh: those
+# runs with their newest checkpoints, to resume them on another machine). The same runs on 2 CPU cores, one after the
 # other: scripts/fashion_mnist_runs.sh. Data: data/fashion_mnist, else exported from the
 # four idx files in data/fashion_mnist_idx/ (copy them there from
 # /usr/share/datasets/fashion-mnist to carry them to a machine without them), else from
@@ -84,4 +87,17 @@ fi
 cat "$out/fashion_mnist_$stage.md"
 tar -czf "$out/fashion_mnist_$stage.tgz" --exclude=checkpoints \
   -C "$(dirname "$folder")" "$(basename "$folder")"
+# The runs stopped before their end, with their newest checkpoints: a lent machine goes
+# back when idle, so its runs/ may be gone by the next call.
+unfinished=()
+for workdir in "$folder"/*_seed*; do
+  if [[ ! -f "$workdir/eval_results.json" ]] && compgen -G "$workdir/checkpoints/[0-9]*" >/dev/null; then
+    unfinished+=("$workdir")
+  fi
+done
+if ((${#unfinished[@]})); then
+  bash scripts/pack_run.sh "$out/fashion_mnist_${stage}_resume.tgz" "${unfinished[@]}"
+  echo "== To resume them on another machine: tar -xzf fashion_mnist_${stage}_resume.tgz" \
+    "there, from the same folder as here ($PWD), then the same command."
+fi
 echo "== $failed of ${#pids[@]} runs stopped before the end (rerun the command to resume them)."

@@ -177,7 +177,7 @@ def unfinished_table(runs: list[dict]) -> str:
         ema = r["latest_eval_ema_top1"]
         lines.append(
             f"| {pathlib.Path(r['workdir']).name} | {r['model']} | {r['seed']} | "
-            f"{r['num_epochs'] or ''} | {r['num_train_steps'] or ''} | {r['logged_step']} | "
+            f"{r['num_epochs'] or ''} | {r['num_train_steps'] or ''} | {r['logged_step'] or ''} | "
             f"{evaluation} | {'' if ema is None else f'{100 * ema:.2f}%'} | {hours} |"
         )
     return "\n".join(lines)
