@@ -97,7 +97,7 @@ for workdir in "$folder"/*_seed*; do
 done
 if ((${#unfinished[@]})); then
   bash scripts/pack_run.sh "$out/fashion_mnist_${stage}_resume.tgz" "${unfinished[@]}"
-  echo "== To resume them on another machine: tar -xzf fashion_mnist_${stage}_resume.tgz" \
-    "there, from the same folder as here ($PWD), then the same command."
+  echo "== To resume them on another machine, extract that archive as the line above says," \
+    "from the checkout's root (a relative RUNS), then run the same command."
 fi
 echo "== $failed of ${#pids[@]} runs stopped before the end (rerun the command to resume them)."

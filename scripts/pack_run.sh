@@ -8,8 +8,8 @@
 #   tar -xzf ARCHIVE.tgz                                         # there, from the same folder
 #
 # The archive holds the workdirs' paths as given, so extracting it where they were given
-# from puts them back; the run's own command then resumes from that checkpoint, on any
-# number of devices. A workdir that a run holds (RUNNING.json) is refused: stop the run
+# from puts them back (absolute paths: `tar -xzf ARCHIVE.tgz -C /`); the run's own command
+# then resumes from that checkpoint, on any number of devices. A workdir that a run holds (RUNNING.json) is refused: stop the run
 # first (SIGTERM makes it save a checkpoint and give the workdir back).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
@@ -18,6 +18,15 @@ if [[ $# -lt 2 ]]; then
 fi
 archive="$1"
 shift
+absolute=0
+for workdir in "$@"; do
+  [[ "$workdir" == /* ]] && absolute=$((absolute + 1))
+done
+if ((absolute != 0 && absolute != $#)); then
+  echo "error: give the workdirs all relative or all absolute: the archive is extracted" \
+    "from one folder." >&2
+  exit 2
+fi
 members=()
 for workdir in "$@"; do
   workdir="${workdir%/}"
@@ -45,6 +54,13 @@ for workdir in "$@"; do
   echo "$workdir: step $newest"
 done
 mkdir -p "$(dirname "$archive")"
-tar -czf "$archive.partial" -- "${members[@]}"
+if ((absolute)); then
+  # Stored without the leading /, as tar would, and extracted from / (`-C /`).
+  tar -czf "$archive.partial" -C / -- "${members[@]#/}"
+  extract="tar -xzf $archive -C /"
+else
+  tar -czf "$archive.partial" -- "${members[@]}"
+  extract="tar -xzf $archive"
+fi
 mv "$archive.partial" "$archive"
-echo "wrote $archive ($(du -h "$archive" | cut -f1)); continue with: tar -xzf $archive"
+echo "wrote $archive ($(du -h "$archive" | cut -f1)); continue with: $extract"

@@ -70,3 +70,35 @@ def test_pack_run_refuses_what_is_not_a_stopped_run_and_writes_nothing(tmp_path)
     assert early.returncode == 2
     assert early.stderr == "error: early has no complete checkpoint to continue from.\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early", "notes"]
+
+
+def test_pack_run_keeps_absolute_paths_for_extraction_from_the_root(tmp_path):
+    for name in ("a", "b"):
+        for step in (20, 40):
+            (tmp_path / name / "checkpoints" / str(step)).mkdir(parents=True)
+            (tmp_path / name / "checkpoints" / str(step) / "commit_success.txt").write_text("")
+        (tmp_path / name / "config.json").write_text("{}")
+
+    def pack(*args):
+        return subprocess.run(
+            ["bash", ROOT / "scripts" / "pack_run.sh", *map(str, args)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    mixed = pack("mixed.tgz", tmp_path / "a", "b")
+    assert mixed.returncode == 2 and "all relative or all absolute" in mixed.stderr
+    packed = pack("runs.tgz", tmp_path / "a", tmp_path / "b")
+    assert packed.returncode == 0, packed.stderr
+    assert packed.stderr == ""  # tar's "Removing leading /" is not needed.
+    assert packed.stdout.rstrip().endswith("continue with: tar -xzf runs.tgz -C /")
+    listing = subprocess.run(
+        ["tar", "-tzf", "runs.tgz"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    members = set(listing.stdout.split())
+    root = str(tmp_path).lstrip("/")
+    assert f"{root}/a/checkpoints/40/commit_success.txt" in members
+    assert f"{root}/b/config.json" in members
+    assert not any("/checkpoints/20" in m for m in members)  # Only the newest step.
