@@ -2,7 +2,8 @@
 # Stopped runs as one archive, to continue them on another machine (a VM that will be
 # deleted, a lent GPU that goes back, a session whose disk does not outlive it): each
 # run's records (config.json, TensorBoard events, evaluation results, logs) and its newest
-# complete checkpoint, without the older ones it keeps (the latest three and the best).
+# complete checkpoint, without the older ones it keeps (the latest three and the best) or
+# the steps a resume set aside as corrupt.
 #
 #   bash scripts/pack_run.sh ARCHIVE.tgz WORKDIR [WORKDIR ...]   # here
 #   tar -xzf ARCHIVE.tgz                                         # there, from the same folder
@@ -49,7 +50,8 @@ for workdir in "$@"; do
   fi
   while IFS= read -r -d '' path; do
     members+=("$path")
-  done < <(find "$workdir" -path "$workdir/checkpoints" -prune -o -type f -print0)
+  done < <(find "$workdir" \( -path "$workdir/checkpoints" -o -path "$workdir/corrupt_checkpoints" \) \
+    -prune -o -type f -print0)
   members+=("$workdir/checkpoints/$newest")
   echo "$workdir: step $newest"
 done

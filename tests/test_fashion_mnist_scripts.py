@@ -78,6 +78,9 @@ def test_pack_run_keeps_absolute_paths_for_extraction_from_the_root(tmp_path):
             (tmp_path / name / "checkpoints" / str(step)).mkdir(parents=True)
             (tmp_path / name / "checkpoints" / str(step) / "commit_success.txt").write_text("")
         (tmp_path / name / "config.json").write_text("{}")
+    # A step a resume set aside: not carried.
+    (tmp_path / "a" / "corrupt_checkpoints" / "60").mkdir(parents=True)
+    (tmp_path / "a" / "corrupt_checkpoints" / "60" / "_CHECKPOINT_METADATA").write_text("")
 
     def pack(*args):
         return subprocess.run(
@@ -102,3 +105,4 @@ def test_pack_run_keeps_absolute_paths_for_extraction_from_the_root(tmp_path):
     assert f"{root}/a/checkpoints/40/commit_success.txt" in members
     assert f"{root}/b/config.json" in members
     assert not any("/checkpoints/20" in m for m in members)  # Only the newest step.
+    assert not any("corrupt" in m for m in members)
