@@ -15,8 +15,8 @@
 # and log file; no checkpoints), OUT/fashion_mnist_STAGE.md (scripts/summarize_runs.py's
 # table: final top-1 and best evaluation; how far an unfinished run got) and, when runs
 # stopped before their end, OUT/fashion_mnist_STAGE_resume.tgz (scripts/pack_run.sh: those
-# runs with their newest checkpoints, to resume them on another machine). The same runs on 2 CPU cores, one after the
-# other: scripts/fashion_mnist_runs.sh. Data: data/fashion_mnist, else exported from the
+# runs with their newest checkpoints, to resume them on another machine). The same runs on
+# 2 CPU cores, one after the other: scripts/fashion_mnist_runs.sh. Data: data/fashion_mnist, else exported from the
 # four idx files in data/fashion_mnist_idx/ (copy them there from
 # /usr/share/datasets/fashion-mnist to carry them to a machine without them), else from
 # /usr/share/datasets/fashion-mnist.
@@ -91,7 +91,8 @@ tar -czf "$out/fashion_mnist_$stage.tgz" --exclude=checkpoints \
 # back when idle, so its runs/ may be gone by the next call.
 unfinished=()
 for workdir in "$folder"/*_seed*; do
-  if [[ ! -f "$workdir/eval_results.json" ]] && compgen -G "$workdir/checkpoints/[0-9]*" >/dev/null; then
+  if [[ ! -f "$workdir/eval_results.json" ]] \
+    && compgen -G "$workdir/checkpoints/[0-9]*" >/dev/null; then
     unfinished+=("$workdir")
   fi
 done

@@ -10,8 +10,9 @@
 #
 # The archive holds the workdirs' paths as given, so extracting it where they were given
 # from puts them back (absolute paths: `tar -xzf ARCHIVE.tgz -C /`); the run's own command
-# then resumes from that checkpoint, on any number of devices. A workdir that a run holds (RUNNING.json) is refused: stop the run
-# first (SIGTERM makes it save a checkpoint and give the workdir back).
+# then resumes from that checkpoint, on any number of devices. A workdir that a run holds
+# (RUNNING.json) is refused: stop the run first (SIGTERM makes it save a checkpoint and
+# give the workdir back).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: bash scripts/pack_run.sh ARCHIVE.tgz WORKDIR [WORKDIR ...]" >&2
@@ -21,7 +22,9 @@ archive="$1"
 shift
 absolute=0
 for workdir in "$@"; do
-  [[ "$workdir" == /* ]] && absolute=$((absolute + 1))
+  if [[ "$workdir" == /* ]]; then
+    absolute=$((absolute + 1))
+  fi
 done
 if ((absolute != 0 && absolute != $#)); then
   echo "error: give the workdirs all relative or all absolute: the archive is extracted" \
@@ -50,8 +53,8 @@ for workdir in "$@"; do
   fi
   while IFS= read -r -d '' path; do
     members+=("$path")
-  done < <(find "$workdir" \( -path "$workdir/checkpoints" -o -path "$workdir/corrupt_checkpoints" \) \
-    -prune -o -type f -print0)
+  done < <(find "$workdir" \( -path "$workdir/checkpoints" \
+    -o -path "$workdir/corrupt_checkpoints" \) -prune -o -type f -print0)
   members+=("$workdir/checkpoints/$newest")
   echo "$workdir: step $newest"
 done
