@@ -13,11 +13,11 @@
 # it with SIGTERM and scripts/pack_run.sh carries the unfinished run to the next one). Needs
 # the image folder data/fashion_mnist (scripts/export_idx.py, see configs/fashion_mnist.py).
 # On a 2-core EPYC VM: about 6 hours to the DenseNet run (the three 30-epoch runs take about
-# an hour each), then about 6 for
-# figure 6 at 6,000 iterations, 6 for the warm-up runs, 11 for the two ResNet-110 runs of the
-# chase, 4 for the last two, 10 to 20 for the three 100-epoch runs and 22 to 40 for the two
-# 300-epoch runs of the anchors' recipe (minutes each on a GPU: scripts/fashion_mnist_gpu.sh
-# runs the 100-epoch seeds and the anchor runs at once on one GPU).
+# an hour each), then about 6 for figure 6 at 6,000 iterations, 6 for the warm-up runs, 11
+# for the two ResNet-110 runs of the chase, 4 for the last two, 10 to 20 for the three
+# 100-epoch runs and 22 to 40 for the two 300-epoch runs of the anchors' recipe (minutes
+# each on a GPU: scripts/fashion_mnist_gpu.sh runs the 100-epoch seeds and the anchor runs
+# at once on one GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-runs}" stage="${2:-all}"
