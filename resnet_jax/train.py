@@ -10,6 +10,7 @@ one program with cross-process collectives is in flight at a time.
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -96,7 +97,8 @@ def _data_settings(
     The run's one record of its data settings: saved with each step as "data" and
     compared on resume by `checkpointing.resume`. The train step's augmentations are
     recorded only when one is on, so that checkpoints of runs without them keep the
-    record they always had.
+    record they always had. The record is in its saved (JSON) form, tuples as lists, so
+    that it compares equal to the one a checkpoint gives back.
     """
     augmentation = augment.Settings.from_config(config)
     extra = {"augmentation": dataclasses.asdict(augmentation)} if augmentation.active else {}
@@ -105,7 +107,7 @@ def _data_settings(
         # pixels are those of the runs from before the setting, whose record lacks it.
         if config.stream_decoder != "pil":
             extra["stream_decoder"] = config.stream_decoder
-    return {
+    record = {
         "dataset": config.dataset,
         "split": config.train_split,
         "input": inputs.mode,
@@ -119,6 +121,7 @@ def _data_settings(
         "random_flip": config.random_flip,
         **extra,
     }
+    return json.loads(json.dumps(record))
 
 
 def _remove_if_empty(folders: list) -> None:

@@ -191,6 +191,8 @@ def test_stream_input_with_every_recipe_option_sigkill_then_rerun_ends_bitwise_i
     resumed = run_main(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from checkpoint step {latest}" in resumed.stderr
+    # The same settings, tuple-valued ones (random_erasing_area) included: no false alarm.
+    assert "input settings differ" not in resumed.stderr
     arrays = final_arrays(workdir)
     assert set(arrays) == {"model", "optimizer", "ema"}
     assert_bitwise_equal(arrays, final_arrays(stream_reference_run))
