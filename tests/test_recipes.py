@@ -308,13 +308,26 @@ def test_recipe_ablation_trains_each_variant_and_seed_once_and_tabulates_them(to
             results["ema_top1"],
             12,
         )
+        # Flip TTA of both weights, each read back from its own evaluation file.
+        evaluations = tmp_path / run["run"] / "evaluations"
+        for key, name in (
+            ("flip_top1", "step_12_flip.json"),
+            ("ema_flip_top1", "step_12_ema_flip.json"),
+        ):
+            evaluation = json.loads((evaluations / name).read_text())
+            assert evaluation["flip"] and run[key] == evaluation["top1"]
+        assert json.loads((evaluations / "step_12_ema_flip.json").read_text())["weights"] == "ema"
         saved = json.loads((tmp_path / run["run"] / "config.json").read_text())
         assert saved["seed"] == run["seed"]
         assert saved["cutout_size"] == (8 if run["variant"] == "cutout" else 0)
     cutout = rows[1]
     assert cutout["top1"] == pytest.approx(np.mean([r["top1"] for r in runs[1::2]]))
     assert cutout["gain_on_baseline"] == pytest.approx(cutout["top1"] - rows[0]["top1"])
-    assert "| cutout | cutout_size=8 | 0, 1 |" in (tmp_path / "recipes.md").read_text()
+    markdown = (tmp_path / "recipes.md").read_text()
+    assert "| cutout | cutout_size=8 | 0, 1 |" in markdown and "| EMA flip TTA top-1 |" in markdown
+    assert cutout["ema_flip_top1"] == pytest.approx(
+        np.mean([r["ema_flip_top1"] for r in runs[1::2]])
+    )
     before = sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts)
     recipes.run_experiment(config, tmp_path, ["baseline", "cutout"], [0, 1], tmp_path)
     after = sorted(p.stat().st_mtime_ns for p in tmp_path.rglob("*") if "checkpoints" in p.parts)

@@ -8,7 +8,8 @@ the variant's changes, one run after the other, each in WORKDIR/<variant>_seed<s
 Every `--config.key=value` applies to all runs. Every run keeps an EMA of its weights
 when the base config does (the recipes config: decay 0.999), which changes nothing in
 its training, so each row reports raw and EMA weights; each final checkpoint is then
-evaluated once more with flip test-time augmentation (WORKDIR/<run>/evaluations/).
+evaluated once more with flip test-time augmentation, its raw weights and, where the run
+keeps one, its EMA (WORKDIR/<run>/evaluations/).
 
 Rerunning the command skips finished runs and evaluations and resumes a killed run from
 its last checkpoint; `--table_only` tabulates the finished runs and trains nothing. At
@@ -112,13 +113,15 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
 
-def evaluate_with_flip(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-    """The final checkpoint's evaluation with flip TTA (computed once, then read back)."""
+def evaluate_with_flip(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, weights: str = "raw"
+) -> dict:
+    """The final checkpoint's flip-TTA evaluation of its raw or ema `weights` (made once)."""
     from resnet_jax import evaluate
 
     step = json.loads((workdir / "eval_results.json").read_text())["step"]
     flipped = ml_collections.ConfigDict(config.to_dict())
-    flipped.eval_flip, flipped.eval_checkpoint, flipped.eval_weights = True, str(step), "raw"
+    flipped.eval_flip, flipped.eval_checkpoint, flipped.eval_weights = True, str(step), weights
     path = workdir / evaluate.EVALUATIONS_DIR / evaluate.evaluation_name(step, flipped)
     if path.is_file():
         return json.loads(path.read_text())
@@ -126,13 +129,15 @@ def evaluate_with_flip(config: ml_collections.ConfigDict, workdir: pathlib.Path)
 
 
 def collect(root: pathlib.Path, runs: dict[str, tuple[str, int, ml_collections.ConfigDict]]):
-    """Each run's final numbers: raw, EMA and flip TTA top-1, and its training throughput."""
+    """Each run's final numbers: raw and EMA top-1, each also with flip TTA (the EMA's where
+    the run keeps one), and its training throughput."""
     from resnet_jax import report
 
     collected = []
     for name, (variant, seed, config) in runs.items():
         results = json.loads((root / name / "eval_results.json").read_text())
         flipped = evaluate_with_flip(config, root / name)
+        ema_flipped = evaluate_with_flip(config, root / name, "ema") if config.ema_decay > 0 else {}
         speed = report.read_scalars(root / name).get("train_examples_per_sec")
         collected.append(
             {
@@ -144,6 +149,7 @@ def collect(root: pathlib.Path, runs: dict[str, tuple[str, int, ml_collections.C
                 "top1": results["top1"],
                 "ema_top1": results.get("ema_top1"),
                 "flip_top1": flipped["top1"],
+                "ema_flip_top1": ema_flipped.get("top1"),
                 "num_examples": results["num_examples"],
                 # The first interval holds the compilation: left out when there are others.
                 "examples_per_sec": float(
@@ -173,7 +179,7 @@ def summarize(collected: list[dict]) -> list[dict]:
             "changes": members[0]["changes"],
             "seeds": [r["seed"] for r in members],
         }
-        for key in ("top1", "ema_top1", "flip_top1", "examples_per_sec"):
+        for key in ("top1", "ema_top1", "flip_top1", "ema_flip_top1", "examples_per_sec"):
             row[key], row[f"{key}_std"] = _mean_std([r[key] for r in members])
         rows.append(row)
     baseline = next((r for r in rows if r["variant"] == "baseline"), None)
@@ -189,10 +195,12 @@ def _percent(value: float | None, std: float | None = None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: top-1 (mean ± sample std over seeds) of raw, EMA and flip-TTA evaluations."""
+    """Markdown: top-1 (mean ± sample std over seeds) of raw and EMA weights, without and with
+    flip TTA."""
     lines = [
-        "| variant | changes | seeds | top-1 | gain on baseline | EMA top-1 | flip TTA top-1 | img/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | changes | seeds | top-1 | gain on baseline | EMA top-1 | flip TTA top-1 "
+        "| EMA flip TTA top-1 | img/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "(the base config)"
@@ -202,7 +210,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['variant']} | {changes} | {', '.join(map(str, r['seeds']))} | "
             f"{_percent(r['top1'], r['top1_std'])} | {gain} | "
             f"{_percent(r['ema_top1'], r['ema_top1_std'])} | "
-            f"{_percent(r['flip_top1'], r['flip_top1_std'])} | {speed} |"
+            f"{_percent(r['flip_top1'], r['flip_top1_std'])} | "
+            f"{_percent(r['ema_flip_top1'], r['ema_flip_top1_std'])} | {speed} |"
         )
     return "\n".join(lines) + "\n"
 
