@@ -129,8 +129,8 @@ figures() {
 
 seeds() {
   # ResNet-20 on all 60,000 images for 100 epochs with random erasing, three seeds (3.3 hours
-  # each at 500 images/s; seed 0 ran at 250-350 images/s on a 2-core EPYC in December 2026,
-  # 5 to 7 hours): the goal is the best 300-epoch anchor, 95.55%.
+  # each at 500 images/s; seed 0 took 6.0 hours at 330-370 images/s on a 2-core Xeon in
+  # December 2026 and ended at 95.14%): the goal is the best 300-epoch anchor, 95.55%.
   python -m resnet_jax.experiments.recipes --config configs/fashion_mnist.py \
     --workdir "$runs/fmnist_100ep" --variants random_erasing --seeds 0,1,2 \
     --config.num_epochs=100 --config.ema_decay=0.999
