@@ -20,7 +20,9 @@ The final checkpoint's top-1 is the figure to quote. Beside it, each run's best 
 during training (the highest `eval_top1` its logs hold, and at which step) is the figure
 of scripts that report the best epoch's test accuracy, such as the Random-Erasing code
 behind the Fashion-MNIST anchors of configs/fashion_mnist.py: it is picked on the test
-set, so it is optimistic, and it is only comparable with such figures.
+set, so it is optimistic, and it is only comparable with such figures. A run that keeps
+an EMA of its weights gets the same two figures for them: the final checkpoint's EMA top-1
+and the best EMA evaluation.
 """
 
 import argparse
@@ -88,17 +90,19 @@ def wall_hours(workdir: pathlib.Path) -> float | None:
     return sum(spans) / 3600 if spans else None
 
 
-def best_evaluation(workdir: pathlib.Path) -> tuple[float | None, int | None, int]:
-    """(highest eval top-1 logged, its step, number of evaluations); (None, None, 0) without."""
+def best_evaluation(
+    workdir: pathlib.Path, key: str = "eval_top1"
+) -> tuple[float | None, int | None, int]:
+    """(highest `key` logged, its step, number of evaluations); (None, None, 0) without."""
     from resnet_jax import report
 
     try:
         scalars = report.read_scalars(workdir)
     except report.ReportError:
         return None, None, 0
-    if "eval_top1" not in scalars:
+    if key not in scalars:
         return None, None, 0
-    steps, values = scalars["eval_top1"]
+    steps, values = scalars[key]
     best = int(values.argmax())  # The first of equal highs.
     return float(values[best]), int(steps[best]), len(values)
 
@@ -110,6 +114,7 @@ def read_run(workdir: pathlib.Path) -> dict:
     config = defaults.from_workdir(str(workdir))
     results = json.loads((workdir / "eval_results.json").read_text())
     best_top1, best_step, num_evaluations = best_evaluation(workdir)
+    best_ema_top1, best_ema_step, _ = best_evaluation(workdir, "eval_ema_top1")
     return {
         "workdir": str(workdir),
         "model": config.model.name,
@@ -123,6 +128,9 @@ def read_run(workdir: pathlib.Path) -> dict:
         "best_eval_top1": best_top1,
         "best_eval_step": best_step,
         "num_evaluations": num_evaluations,
+        "ema_top1": results.get("ema_top1"),
+        "best_eval_ema_top1": best_ema_top1,
+        "best_eval_ema_step": best_ema_step,
         "wall_hours": wall_hours(workdir),
         "recipe": recipe(config),
     }
@@ -199,6 +207,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     for (model, dataset, split, steps, _), members in sorted(groups.items()):
         top1 = [r["top1"] for r in members]
         best = [r["best_eval_top1"] for r in members]
+        ema = [r["ema_top1"] for r in members]
         summary.append(
             {
                 "model": model,
@@ -211,16 +220,28 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "top1_mean": statistics.mean(top1),
                 "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
                 "best_eval_top1_mean": None if None in best else statistics.mean(best),
+                "ema_top1_mean": None if None in ema else statistics.mean(ema),
             }
         )
     return summary
 
 
+def _ema(run: dict) -> str:
+    """A run's EMA figures: final top-1, then its best evaluation (step); '' without an EMA."""
+    if run["ema_top1"] is None:
+        return ""
+    best = run["best_eval_ema_top1"]
+    return f"{100 * run['ema_top1']:.2f}%" + (
+        "" if best is None else f"; best {100 * best:.2f}% ({run['best_eval_ema_step']})"
+    )
+
+
 def table(runs: list[dict], groups: list[dict]) -> str:
     lines = [
         "| run | model | seed | epochs | steps | test top-1 | examples | wall time "
-        "| best evaluation (step, of how many), picked on the test set |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| best evaluation (step, of how many), picked on the test set "
+        "| EMA: top-1; best evaluation (step) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         hours = f"{r['wall_hours']:.2f} h" if r["wall_hours"] is not None else "?"
@@ -232,22 +253,23 @@ def table(runs: list[dict], groups: list[dict]) -> str:
         lines.append(
             f"| {pathlib.Path(r['workdir']).name} | {r['model']} | {r['seed']} | "
             f"{r['num_epochs']} | {r['steps']} | {100 * r['top1']:.2f}% | "
-            f"{r['num_examples']:,} | {hours} | {best} |"
+            f"{r['num_examples']:,} | {hours} | {best} | {_ema(r)} |"
         )
     lines += [
         "",
         "| model | settings | epochs | steps | seeds | test top-1, mean | std "
-        "| best evaluation, mean |",
-        "|---|---|---|---|---|---|---|---|",
+        "| best evaluation, mean | EMA top-1, mean |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         std = f"{100 * g['top1_std']:.2f}" if g["top1_std"] is not None else "(one run)"
         best = g["best_eval_top1_mean"]
         best = f"{100 * best:.2f}%" if best is not None else "(no logs)"
         settings = ", ".join(f"{k}={v}" for k, v in g["settings"].items()) or "(all alike)"
+        ema = "" if g["ema_top1_mean"] is None else f"{100 * g['ema_top1_mean']:.2f}%"
         lines.append(
             f"| {g['model']} | {settings} | {g['num_epochs']} | {g['steps']} | {len(g['seeds'])} | "
-            f"{100 * g['top1_mean']:.2f}% | {std} | {best} |"
+            f"{100 * g['top1_mean']:.2f}% | {std} | {best} | {ema} |"
         )
     return "\n".join(lines)
 

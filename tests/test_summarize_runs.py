@@ -9,7 +9,9 @@ import pytest
 from helpers import ROOT
 
 
-def write_run(folder, seed, top1, steps=100, model="resnet20", shortcut="A", **settings):
+def write_run(
+    folder, seed, top1, steps=100, model="resnet20", shortcut="A", ema_top1=None, **settings
+):
     folder.mkdir(parents=True)
     config = {
         "model": {"name": model, "shortcut": shortcut},
@@ -23,6 +25,8 @@ def write_run(folder, seed, top1, steps=100, model="resnet20", shortcut="A", **s
     }
     (folder / "config.json").write_text(json.dumps(config))
     results = {"top1": top1, "step": steps, "num_examples": 10000}
+    if ema_top1 is not None:
+        results["ema_top1"] = ema_top1
     (folder / "eval_results.json").write_text(json.dumps(results))
 
 
@@ -58,7 +62,13 @@ def test_groups_by_budget_with_mean_and_sample_std(tmp_path):
 def test_runs_of_another_recipe_are_another_group_named_by_what_differs(tmp_path):
     for seed, top1 in enumerate((0.9512, 0.9498)):
         write_run(tmp_path / f"plain{seed}", seed, top1)
-        write_run(tmp_path / f"erased{seed}", seed, top1 + 0.004, random_erasing=0.5)
+        write_run(
+            tmp_path / f"erased{seed}",
+            seed,
+            top1 + 0.004,
+            ema_top1=top1 + 0.005,
+            random_erasing=0.5,
+        )
     write_run(tmp_path / "b_projection", 0, 0.9440, shortcut="B")
     result = summarize(*sorted(tmp_path.iterdir()))
     assert result.returncode == 0, result.stderr
@@ -69,6 +79,8 @@ def test_runs_of_another_recipe_are_another_group_named_by_what_differs(tmp_path
         ({"model.shortcut": "B", "random_erasing": 0.0}, [0]),
     ]
     assert groups[1]["top1_mean"] == pytest.approx(statistics.mean((0.9552, 0.9538)))
+    assert groups[1]["ema_top1_mean"] == pytest.approx(statistics.mean((0.9562, 0.9548)))
+    assert groups[0]["ema_top1_mean"] is None  # Runs without an EMA.
     assert "| resnet20 | model.shortcut=A, random_erasing=0.5 | 30.0 | 100 | 2 |" in result.stdout
 
 
@@ -81,9 +93,14 @@ def test_best_evaluation_is_read_from_the_logs_beside_the_final_top1(tmp_path):
     from clu import metric_writers
 
     write_run(tmp_path / "logged", 0, 0.9510, steps=300)
+    # This run keeps an EMA: its final EMA top-1, and an EMA curve that peaks elsewhere.
+    results = tmp_path / "logged" / "eval_results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "ema_top1": 0.9507}))
     writer = metric_writers.create_default_writer(str(tmp_path / "logged"))
-    for step, top1 in ((100, 0.9402), (200, 0.9531), (300, 0.9510)):
-        writer.write_scalars(step, {"eval_top1": top1, "train_loss": 1.0 / step})
+    for step, top1, ema in ((100, 0.9402, 0.9440), (200, 0.9531, 0.9525), (300, 0.9510, 0.9507)):
+        writer.write_scalars(
+            step, {"eval_top1": top1, "eval_ema_top1": ema, "train_loss": 1.0 / step}
+        )
     writer.close()
     write_run(tmp_path / "unlogged", 1, 0.9490, steps=300)
     result = summarize(tmp_path / "logged", tmp_path / "unlogged")
@@ -92,9 +109,14 @@ def test_best_evaluation_is_read_from_the_logs_beside_the_final_top1(tmp_path):
     assert (logged["top1"], logged["best_eval_step"], logged["num_evaluations"]) == (0.9510, 200, 3)
     assert logged["best_eval_top1"] == pytest.approx(0.9531)  # Written as float32.
     assert (unlogged["best_eval_top1"], unlogged["best_eval_step"]) == (None, None)
-    assert "| 95.31% (200, of 3) |" in result.stdout and "| (no logs) |" in result.stdout
+    assert (logged["ema_top1"], logged["best_eval_ema_step"]) == (0.9507, 200)
+    assert logged["best_eval_ema_top1"] == pytest.approx(0.9525)
+    assert unlogged["ema_top1"] is None and unlogged["best_eval_ema_top1"] is None
+    assert "| 95.31% (200, of 3) | 95.07%; best 95.25% (200) |" in result.stdout
+    assert "| (no logs) |  |" in result.stdout  # No EMA: an empty cell.
     (group,) = json.loads(result.stdout.strip().splitlines()[-1])["groups"]
     assert group["best_eval_top1_mean"] is None  # One run has no logs: no mean.
+    assert group["ema_top1_mean"] is None  # Nor an EMA mean when one run has no EMA.
 
 
 def test_wall_time_sums_each_process_and_leaves_out_the_break_before_a_resume(tmp_path):
