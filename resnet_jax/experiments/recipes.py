@@ -129,8 +129,7 @@ def evaluate_with_flip(
 
 
 def collect(root: pathlib.Path, runs: dict[str, tuple[str, int, ml_collections.ConfigDict]]):
-    """Each run's final numbers: raw and EMA top-1, each also with flip TTA (the EMA's where
-    the run keeps one), and its training throughput."""
+    """Each run's final numbers: raw and EMA top-1, without and with flip TTA, and img/s."""
     from resnet_jax import report
 
     collected = []
@@ -195,8 +194,7 @@ def _percent(value: float | None, std: float | None = None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: top-1 (mean ± sample std over seeds) of raw and EMA weights, without and with
-    flip TTA."""
+    """Markdown: top-1 (mean ± sample std over seeds), raw and EMA, without and with flip TTA."""
     lines = [
         "| variant | changes | seeds | top-1 | gain on baseline | EMA top-1 | flip TTA top-1 "
         "| EMA flip TTA top-1 | img/s |",
