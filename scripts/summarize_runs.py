@@ -90,16 +90,18 @@ def wall_hours(workdir: pathlib.Path) -> float | None:
     return sum(spans) / 3600 if spans else None
 
 
-def best_evaluation(
-    workdir: pathlib.Path, key: str = "eval_top1"
-) -> tuple[float | None, int | None, int]:
-    """(highest `key` logged, its step, number of evaluations); (None, None, 0) without."""
+def logged_scalars(workdir: pathlib.Path) -> dict:
+    """The run's TensorBoard scalars, {} without logs."""
     from resnet_jax import report
 
     try:
-        scalars = report.read_scalars(workdir)
+        return report.read_scalars(workdir)
     except report.ReportError:
-        return None, None, 0
+        return {}
+
+
+def best_evaluation(scalars: dict, key: str) -> tuple[float | None, int | None, int]:
+    """(highest `key` logged, its step, number of evaluations); (None, None, 0) without."""
     if key not in scalars:
         return None, None, 0
     steps, values = scalars[key]
@@ -113,8 +115,9 @@ def read_run(workdir: pathlib.Path) -> dict:
 
     config = defaults.from_workdir(str(workdir))
     results = json.loads((workdir / "eval_results.json").read_text())
-    best_top1, best_step, num_evaluations = best_evaluation(workdir)
-    best_ema_top1, best_ema_step, _ = best_evaluation(workdir, "eval_ema_top1")
+    scalars = logged_scalars(workdir)  # Read once: the event files can be large.
+    best_top1, best_step, num_evaluations = best_evaluation(scalars, "eval_top1")
+    best_ema_top1, best_ema_step, _ = best_evaluation(scalars, "eval_ema_top1")
     return {
         "workdir": str(workdir),
         "model": config.model.name,

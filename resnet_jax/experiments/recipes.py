@@ -114,12 +114,11 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def evaluate_with_flip(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, weights: str = "raw"
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int, weights: str
 ) -> dict:
-    """The final checkpoint's flip-TTA evaluation of its raw or ema `weights` (made once)."""
+    """Checkpoint `step`'s flip-TTA evaluation of its raw or ema `weights` (made once)."""
     from resnet_jax import evaluate
 
-    step = json.loads((workdir / "eval_results.json").read_text())["step"]
     flipped = ml_collections.ConfigDict(config.to_dict())
     flipped.eval_flip, flipped.eval_checkpoint, flipped.eval_weights = True, str(step), weights
     path = workdir / evaluate.EVALUATIONS_DIR / evaluate.evaluation_name(step, flipped)
@@ -135,8 +134,11 @@ def collect(root: pathlib.Path, runs: dict[str, tuple[str, int, ml_collections.C
     collected = []
     for name, (variant, seed, config) in runs.items():
         results = json.loads((root / name / "eval_results.json").read_text())
-        flipped = evaluate_with_flip(config, root / name)
-        ema_flipped = evaluate_with_flip(config, root / name, "ema") if config.ema_decay > 0 else {}
+        step = results["step"]  # The final checkpoint's.
+        flipped = evaluate_with_flip(config, root / name, step, "raw")
+        ema_flipped = (
+            evaluate_with_flip(config, root / name, step, "ema") if config.ema_decay > 0 else {}
+        )
         speed = report.read_scalars(root / name).get("train_examples_per_sec")
         collected.append(
             {
